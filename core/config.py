@@ -1,0 +1,76 @@
+"""Infrastructure settings: one object, read from `DISTILL_*` environment variables (and `.env`).
+
+Job hyperparameters never live here: they are a `JobSpec` stored with each job. The defaults are the
+embedded set-up (SQLite database, SQLite-backed Celery broker, artifacts under ./.distill) so that
+`distill serve` needs no Redis or PostgreSQL; production sets DATABASE_URL and BROKER_URL.
+"""
+
+from __future__ import annotations
+
+from functools import lru_cache
+from pathlib import Path
+from typing import Literal
+
+from pydantic import Field, field_validator, model_validator
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
+from typing_extensions import Annotated
+
+DEFAULT_HOME = Path(".distill")
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="DISTILL_", env_file=".env", extra="ignore")
+
+    environment: Literal["development", "production"] = "development"
+    home: Path = Field(default=DEFAULT_HOME, description="Where embedded defaults keep their files.")
+    database_url: str = Field(default="", description="SQLAlchemy URL; default sqlite under `home`.")
+    broker_url: str = Field(default="", description="Celery broker; default SQLAlchemy transport on SQLite.")
+    storage_dir: Path | None = Field(default=None, description="Artifacts; default `home`/artifacts.")
+    model_roots: Annotated[list[Path], NoDecode] = Field(
+        default_factory=lambda: [Path("models")],
+        description="Local directories job specs may load models from (comma-separated in the env).",
+    )
+    allow_hub_models: bool = Field(default=False, description="Allow hub ids (needs network on workers).")
+
+    # Auth: keys are hashed at rest. `bootstrap_api_key` (if set) is created for tenant `default` at
+    # start-up, which is how docker-compose gets a first key; `distill keys create` makes more.
+    bootstrap_api_key: str | None = None
+
+    max_upload_bytes: int = Field(default=200 * 1024 * 1024, ge=1)
+    heartbeat_interval_s: float = Field(default=5.0, gt=0)
+    stale_after_s: float = Field(default=60.0, gt=0, description="No heartbeat for this long → re-queue.")
+    reaper_interval_s: float = Field(default=10.0, gt=0)
+    max_attempts: int = Field(default=3, ge=1)
+    cancel_grace_s: float = Field(default=30.0, ge=0, description="Stop request → terminate after this.")
+    task_queue: str = "distill"
+
+    @field_validator("model_roots", mode="before")
+    @classmethod
+    def _split_roots(cls, value: object) -> object:
+        if isinstance(value, str):
+            return [part for part in (p.strip() for p in value.split(",")) if part]
+        return value
+
+    @model_validator(mode="after")
+    def _fill_defaults(self) -> Settings:
+        home = self.home.resolve()
+        if not self.database_url:
+            self.database_url = f"sqlite:///{home / 'distill.db'}"
+        if not self.broker_url:
+            self.broker_url = f"sqla+sqlite:///{home / 'broker.db'}"
+        if self.storage_dir is None:
+            self.storage_dir = home / "artifacts"
+        self.model_roots = [p.expanduser().resolve() for p in self.model_roots]
+        if self.environment == "production" and self.bootstrap_api_key in {"changeme", "dev", ""}:
+            raise ValueError("DISTILL_BOOTSTRAP_API_KEY is an unsafe default; set a real secret")
+        return self
+
+    @property
+    def artifacts(self) -> Path:
+        assert self.storage_dir is not None
+        return self.storage_dir
+
+
+@lru_cache
+def get_settings() -> Settings:
+    return Settings()
