@@ -1,0 +1,58 @@
+"""Atomic job state changes and the event log, shared by the API, the worker and the reaper."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from typing import Any
+
+from sqlalchemy import update
+from sqlalchemy.orm import Session
+
+from core.db import utcnow
+from core.jobs.models import Job, JobEvent
+from core.jobs.states import JobStatus, check_transition, sources_of
+
+
+def add_event(
+    session: Session, *, job_id: str, kind: str, message: str, data: dict[str, Any] | None = None
+) -> JobEvent:
+    """Append one event to a job's log (flushed, not committed)."""
+    event = JobEvent(job_id=job_id, kind=kind, message=message, data=data)
+    session.add(event)
+    session.flush()
+    return event
+
+
+def transition(
+    session: Session,
+    *,
+    job_id: str,
+    target: JobStatus,
+    expected: Iterable[JobStatus] | None = None,
+    message: str | None = None,
+    **values: Any,
+) -> bool:
+    """Move a job to `target` only if it is still in one of `expected` (default: every legal source).
+
+    A single conditional UPDATE, so two processes racing for the same job (a duplicate delivery, the reaper
+    and a late worker) cannot both win. Returns whether this call made the change; records a status event.
+    """
+    sources = tuple(expected) if expected is not None else tuple(sources_of(target))
+    for source in sources:
+        check_transition(source, target)
+    statement = (
+        update(Job)
+        .where(Job.id == job_id, Job.status.in_(sources))
+        .values(status=target, updated_at=utcnow(), **values)
+        .execution_options(synchronize_session=False)
+    )
+    changed = session.execute(statement).rowcount == 1
+    if changed:
+        add_event(
+            session,
+            job_id=job_id,
+            kind="status",
+            message=message or f"job is {target.value}",
+            data={"status": target.value},
+        )
+    return changed
