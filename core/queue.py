@@ -1,0 +1,52 @@
+"""The Celery configuration shared by the worker (which consumes) and the API (which only sends tasks by
+name). Building a Celery app imports no task code, so the API never imports `worker/`."""
+
+from __future__ import annotations
+
+from functools import lru_cache
+
+from celery import Celery
+
+from core.config import Settings
+
+RUN_JOB_TASK = "distill.run_job"
+
+
+def celery_config(settings: Settings) -> dict[str, object]:
+    config: dict[str, object] = {
+        "broker_url": settings.broker_url,
+        "task_ignore_result": True,
+        "task_default_queue": settings.task_queue,
+        "task_acks_late": True,
+        "worker_prefetch_multiplier": 1,
+        "worker_concurrency": 1,
+        "task_track_started": False,
+        "broker_connection_retry_on_startup": True,
+        "worker_hijack_root_logger": False,
+        "task_serializer": "json",
+        "accept_content": ["json"],
+    }
+    if settings.broker_url.startswith(("redis://", "rediss://")):
+        # Jobs run for hours; the reaper, not Redis' redelivery, recovers jobs of lost workers, so the
+        # visibility timeout only has to outlast the longest job to avoid a needless duplicate delivery
+        # (which the atomic claim would ignore anyway).
+        config["broker_transport_options"] = {"visibility_timeout": 7 * 24 * 3600}
+    return config
+
+
+@lru_cache(maxsize=4)
+def _client(settings_json: str) -> Celery:
+    settings = Settings.model_validate_json(settings_json)
+    app = Celery("distill-client")
+    app.conf.update(celery_config(settings))
+    return app
+
+
+def celery_client(settings: Settings) -> Celery:
+    """A Celery app used only to send tasks by name (no task modules imported)."""
+    return _client(settings.model_dump_json())
+
+
+def enqueue_job(settings: Settings, job_id: str) -> None:
+    """Send the run-job task; call only after the job row is committed."""
+    celery_client(settings).send_task(RUN_JOB_TASK, args=[job_id], queue=settings.task_queue)
