@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections.abc import Iterable
 from typing import Any
 
-from sqlalchemy import update
+from sqlalchemy import ColumnElement, update
 from sqlalchemy.orm import Session
 
 from core.db import utcnow
@@ -30,19 +30,21 @@ def transition(
     target: JobStatus,
     expected: Iterable[JobStatus] | None = None,
     message: str | None = None,
+    where: Iterable[ColumnElement[bool]] = (),
     **values: Any,
 ) -> bool:
     """Move a job to `target` only if it is still in one of `expected` (default: every legal source).
 
     A single conditional UPDATE, so two processes racing for the same job (a duplicate delivery, the reaper
-    and a late worker) cannot both win. Returns whether this call made the change; records a status event.
+    and a late worker) cannot both win. `where` adds conditions (e.g. the claiming worker still owns the job,
+    the heartbeat is still stale). Returns whether this call made the change; records a status event.
     """
     sources = tuple(expected) if expected is not None else tuple(sources_of(target))
     for source in sources:
         check_transition(source, target)
     statement = (
         update(Job)
-        .where(Job.id == job_id, Job.status.in_(sources))
+        .where(Job.id == job_id, Job.status.in_(sources), *where)
         .values(status=target, updated_at=utcnow(), **values)
         .execution_options(synchronize_session=False)
     )
