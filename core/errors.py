@@ -1,0 +1,36 @@
+"""Errors the services raise for a caller's mistake or a conflict; the API turns each into its one error
+shape `{"error": {"code", "message", "param"}}` with `status` as the HTTP status."""
+
+from __future__ import annotations
+
+
+class ServiceError(Exception):
+    status = 400
+
+    def __init__(self, code: str, message: str, *, param: str | None = None, status: int | None = None):
+        super().__init__(message)
+        self.code = code
+        self.message = message
+        self.param = param
+        if status is not None:
+            self.status = status
+
+
+class InvalidRequest(ServiceError):
+    status = 422
+
+
+class NotFound(ServiceError):
+    status = 404
+
+
+class Conflict(ServiceError):
+    status = 409
+
+
+class PayloadTooLarge(ServiceError):
+    status = 413
+
+
+class Unavailable(ServiceError):
+    status = 503

@@ -1,0 +1,161 @@
+"""Uploaded files: store (streamed, hashed and validated line by line), list, get, delete."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+from typing import BinaryIO
+
+from sqlalchemy import or_, select
+from sqlalchemy.orm import Session
+
+from core.config import Settings
+from core.errors import Conflict, InvalidRequest, NotFound, PayloadTooLarge
+from core.jobs.models import File, Job, new_id
+from core.jobs.states import ACTIVE_STATES
+from core.storage import Storage
+
+CHUNK_BYTES = 1 << 20
+PURPOSES = ("train", "eval")
+MAX_REPORTED_LINES = 20
+
+
+def _lines_while_copying(
+    source: BinaryIO, sink: BinaryIO, digest: hashlib._Hash, limit: int
+) -> Iterator[bytes]:
+    """Yield `source`'s lines while copying it to `sink` and hashing it; stop at `limit` bytes with 413."""
+    size, pending = 0, b""
+    while chunk := source.read(CHUNK_BYTES):
+        size += len(chunk)
+        if size > limit:
+            raise PayloadTooLarge(
+                "file_too_large", f"the file is larger than the {limit}-byte limit", param="file"
+            )
+        sink.write(chunk)
+        digest.update(chunk)
+        *lines, pending = (pending + chunk).split(b"\n")
+        yield from lines
+    if pending:
+        yield pending
+
+
+def _describe_invalid(invalid: list[dict[str, object]], count: int) -> str:
+    shown = "; ".join(f"line {item['line']}: {item['error']}" for item in invalid[:MAX_REPORTED_LINES])
+    more = f" (and {count - MAX_REPORTED_LINES} more)" if count > MAX_REPORTED_LINES else ""
+    numbers = ", ".join(str(item["line"]) for item in invalid[:MAX_REPORTED_LINES])
+    return f"{count} invalid line(s), at line(s) {numbers}{more}: {shown}"
+
+
+def store_upload(
+    *,
+    session: Session,
+    settings: Settings,
+    tenant_id: str,
+    source: BinaryIO,
+    filename: str,
+    purpose: str = "train",
+) -> File:
+    """Validate every line of an uploaded JSONL file and store it; refuses a bad file with 4xx."""
+    from core.distill.data import inspect_jsonl  # the engine's parser; imported late (it imports torch)
+
+    if purpose not in PURPOSES:
+        raise InvalidRequest(
+            "invalid_purpose", f"purpose must be one of {', '.join(PURPOSES)}", param="purpose"
+        )
+    storage = Storage(settings.artifacts)
+    scratch = storage.root / "tmp"
+    scratch.mkdir(parents=True, exist_ok=True)
+    digest = hashlib.sha256()
+    handle, temp_name = tempfile.mkstemp(dir=scratch, suffix=".upload")
+    temp_path = Path(temp_name)
+    try:
+        with os.fdopen(handle, "wb") as sink:
+            report = inspect_jsonl(_lines_while_copying(source, sink, digest, settings.max_upload_bytes))
+            size = sink.tell()
+        if report.invalid_count:
+            raise InvalidRequest(
+                "invalid_file", _describe_invalid(report.invalid_lines, report.invalid_count), param="file"
+            )
+        if report.records == 0:
+            raise InvalidRequest("empty_file", "the file holds no records", param="file")
+        file_id = new_id("file")
+        final_path = storage.file_path(tenant_id, file_id)
+        final_path.parent.mkdir(parents=True, exist_ok=True)
+        os.replace(temp_path, final_path)
+    finally:
+        temp_path.unlink(missing_ok=True)
+    row = File(
+        id=file_id,
+        tenant_id=tenant_id,
+        filename=(Path(filename).name or "upload.jsonl")[:255],
+        purpose=purpose,
+        size_bytes=size,
+        sha256=digest.hexdigest(),
+        records=report.records,
+        format=report.detected_format,
+        storage_path=storage.relative(final_path),
+    )
+    session.add(row)
+    try:
+        session.commit()
+    except BaseException:
+        session.rollback()
+        final_path.unlink(missing_ok=True)
+        raise
+    return row
+
+
+def list_files(
+    *, session: Session, tenant_id: str, limit: int, after: str | None = None
+) -> tuple[list[File], bool]:
+    """A page of the tenant's files, newest first, and whether more follow."""
+    query = select(File).where(File.tenant_id == tenant_id)
+    if after is not None:
+        cursor = session.scalar(select(File).where(File.id == after, File.tenant_id == tenant_id))
+        if cursor is None:
+            raise InvalidRequest("invalid_cursor", f"no file {after!r} to continue after", param="after")
+        query = query.where(
+            or_(
+                File.created_at < cursor.created_at,
+                (File.created_at == cursor.created_at) & (File.id < cursor.id),
+            )
+        )
+    rows = list(session.scalars(query.order_by(File.created_at.desc(), File.id.desc()).limit(limit + 1)))
+    return rows[:limit], len(rows) > limit
+
+
+def get_file(*, session: Session, tenant_id: str, file_id: str, param: str | None = None) -> File:
+    """One of the tenant's files; another tenant's id is answered like a missing one."""
+    row = session.scalar(select(File).where(File.id == file_id, File.tenant_id == tenant_id))
+    if row is None:
+        raise NotFound("file_not_found", f"no file {file_id!r}", param=param)
+    return row
+
+
+def file_path(*, settings: Settings, file: File) -> Path:
+    """The absolute path of a stored file (what the worker hands the trainer for a file id)."""
+    return Storage(settings.artifacts).resolve(file.storage_path)
+
+
+def resolve_file_id(*, session: Session, settings: Settings, tenant_id: str, file_id: str) -> Path:
+    """The absolute path of the tenant's file `file_id` (raises NotFound)."""
+    return file_path(settings=settings, file=get_file(session=session, tenant_id=tenant_id, file_id=file_id))
+
+
+def delete_file(*, session: Session, settings: Settings, tenant_id: str, file_id: str) -> None:
+    """Delete a file and its row; refused (409) while an active job uses it."""
+    row = get_file(session=session, tenant_id=tenant_id, file_id=file_id)
+    active_specs = session.scalars(
+        select(Job.spec).where(Job.tenant_id == tenant_id, Job.status.in_(ACTIVE_STATES))
+    )
+    for spec in active_specs:
+        data = spec.get("data", {})
+        if file_id in (data.get("train"), data.get("eval")):
+            raise Conflict("file_in_use", f"file {file_id!r} is used by an active job", param="file_id")
+    path = file_path(settings=settings, file=row)
+    session.delete(row)
+    session.commit()
+    path.unlink(missing_ok=True)

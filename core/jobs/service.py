@@ -1,0 +1,320 @@
+"""Jobs: create (validated in full, committed, then enqueued), read, list, cancel, and what jobs produce
+(events, metric series, checkpoints). Keyword-only functions over a session; 4xx cases raise ServiceError."""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from pydantic import ValidationError
+from sqlalchemy import or_, select
+from sqlalchemy.exc import IntegrityError
+from sqlalchemy.orm import Session
+
+from core.config import Settings
+from core.db import utcnow
+from core.distill.model_checks import ModelReferenceError, check_model_reference
+from core.distill.spec import JobSpec
+from core.errors import Conflict, InvalidRequest, NotFound, ServiceError, Unavailable
+from core.files.service import get_file
+from core.jobs.lifecycle import add_event, transition
+from core.jobs.models import Checkpoint, Job, JobEvent, Metric
+from core.jobs.states import JobStatus
+from core.queue import enqueue_job
+
+logger = logging.getLogger(__name__)
+
+# A file detected as `instruction` also trains a `chat` job (each record becomes one user turn).
+_COMPATIBLE_FORMATS = {"instruction": {"instruction"}, "chat": {"chat", "instruction"}, "text": {"text"}}
+
+
+def _validation_param(error: ValidationError) -> tuple[str | None, str]:
+    first = error.errors()[0]
+    param = ".".join(str(part) for part in first["loc"]) or None
+    return param, f"{param}: {first['msg']}" if param else first["msg"]
+
+
+def parse_spec(raw: JobSpec | dict[str, Any]) -> JobSpec:
+    """A JobSpec from a mapping; a bad field raises InvalidRequest naming it (e.g. `loss.lam`)."""
+    if isinstance(raw, JobSpec):
+        return raw
+    try:
+        return JobSpec.model_validate(raw)
+    except ValidationError as exc:
+        param, message = _validation_param(exc)
+        raise InvalidRequest("invalid_spec", message, param=param) from exc
+
+
+def _under_roots(model: str, roots: Sequence[Path]) -> str:
+    """A bare model name (`tiny-teacher`) resolved against the model roots; other references unchanged."""
+    if Path(model).is_absolute() or model.startswith((".", "~")):
+        return model
+    for root in roots:
+        candidate = root / model
+        if candidate.exists():
+            return str(candidate)
+    return model
+
+
+def _check_model(model: str, gguf_file: str | None, settings: Settings, param: str) -> None:
+    try:
+        check_model_reference(
+            model, gguf_file, model_roots=settings.model_roots, allow_hub=settings.allow_hub_models
+        )
+    except ModelReferenceError as exc:
+        raise InvalidRequest("invalid_model", str(exc), param=param) from exc
+
+
+def _teacher_layer_count(model: str) -> int | None:
+    """num_hidden_layers from a local teacher's config.json (None when unknown, e.g. a hub id or GGUF)."""
+    config_path = Path(model) / "config.json"
+    if not config_path.is_file():
+        return None
+    try:
+        config = json.loads(config_path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    for source in (config, config.get("text_config") or {}):
+        if isinstance(source.get("num_hidden_layers"), int):
+            return source["num_hidden_layers"]
+    return None
+
+
+def resolve_model_names(spec: JobSpec, settings: Settings) -> JobSpec:
+    """The spec with bare model names (`tiny-teacher`) made paths under the model roots."""
+    teacher = spec.teacher.model_copy(
+        update={"model": _under_roots(spec.teacher.model, settings.model_roots)}
+    )
+    student = spec.student
+    if student.model is not None:
+        student = student.model_copy(update={"model": _under_roots(student.model, settings.model_roots)})
+    return spec.model_copy(update={"teacher": teacher, "student": student})
+
+
+def validate_spec(*, session: Session, settings: Settings, tenant_id: str, spec: JobSpec) -> None:
+    """Check every reference in a spec (files, models, layers) before a job is accepted."""
+    for field in ("train", "eval"):
+        file_id = getattr(spec.data, field)
+        if file_id is None:
+            continue
+        try:
+            row = get_file(session=session, tenant_id=tenant_id, file_id=file_id)
+        except NotFound as exc:
+            raise InvalidRequest(
+                "file_not_found", f"no uploaded file {file_id!r}", param=f"data.{field}"
+            ) from exc
+        if row.format is not None and row.format not in _COMPATIBLE_FORMATS[spec.data.format]:
+            raise InvalidRequest(
+                "incompatible_file",
+                f"file {file_id!r} holds {row.format} records; data.format is {spec.data.format!r}",
+                param=f"data.{field}",
+            )
+    if spec.strategy.name == "adaptive" and spec.data.eval is None:
+        raise InvalidRequest("invalid_spec", "the adaptive strategy needs data.eval", param="data.eval")
+
+    teacher = spec.teacher.model_copy(
+        update={"model": _under_roots(spec.teacher.model, settings.model_roots)}
+    )
+    _check_model(teacher.model, teacher.gguf_file, settings, "teacher.model")
+    student = spec.student
+    if student.model is not None:
+        student = student.model_copy(update={"model": _under_roots(student.model, settings.model_roots)})
+        _check_model(student.model, student.gguf_file, settings, "student.model")
+    if student.from_teacher_layers is not None and teacher.gguf_file is None:
+        count = _teacher_layer_count(teacher.model)
+        if count is not None and max(student.from_teacher_layers) >= count:
+            raise InvalidRequest(
+                "invalid_layers",
+                f"the teacher has {count} layers (0..{count - 1}); got {student.from_teacher_layers}",
+                param="student.from_teacher_layers",
+            )
+
+
+def _existing_for_key(session: Session, tenant_id: str, key: str, spec: dict[str, Any]) -> Job | None:
+    job = session.scalar(select(Job).where(Job.tenant_id == tenant_id, Job.idempotency_key == key))
+    if job is not None and job.spec != spec:
+        raise Conflict(
+            "idempotency_key_reused",
+            "this Idempotency-Key was used for a job with a different body",
+            param="Idempotency-Key",
+        )
+    return job
+
+
+def create_job(
+    *,
+    session: Session,
+    settings: Settings,
+    tenant_id: str,
+    spec: JobSpec | dict[str, Any],
+    idempotency_key: str | None = None,
+) -> tuple[Job, bool]:
+    """Validate, store and enqueue a job; returns (job, created). A repeated Idempotency-Key returns the first."""
+    parsed = resolve_model_names(parse_spec(spec), settings)
+    requested = parsed.model_dump(mode="json")
+    if idempotency_key is not None:
+        existing = _existing_for_key(session, tenant_id, idempotency_key, requested)
+        if existing is not None:
+            return existing, False
+    validate_spec(session=session, settings=settings, tenant_id=tenant_id, spec=parsed)
+    job = Job(
+        tenant_id=tenant_id,
+        status=JobStatus.QUEUED,
+        spec=requested,
+        idempotency_key=idempotency_key,
+        total_steps=parsed.training.max_steps,
+        max_attempts=settings.max_attempts,
+        latest_metrics={},
+    )
+    session.add(job)
+    try:
+        session.flush()
+        add_event(session, job_id=job.id, kind="status", message="job queued", data={"status": "queued"})
+        session.commit()
+    except IntegrityError:
+        session.rollback()
+        if idempotency_key is None:
+            raise
+        # Lost the race with a concurrent request carrying the same key.
+        existing = _existing_for_key(session, tenant_id, idempotency_key, requested)
+        if existing is None:
+            raise
+        return existing, False
+    _enqueue(session=session, settings=settings, job=job)
+    return job, True
+
+
+def _enqueue(*, session: Session, settings: Settings, job: Job) -> None:
+    try:
+        enqueue_job(settings, job.id)
+    except Exception as exc:
+        logger.exception("could not enqueue job %s", job.id)
+        message = f"the job could not be queued: {exc}"
+        transition(
+            session,
+            job_id=job.id,
+            target=JobStatus.FAILED,
+            expected=[JobStatus.QUEUED],
+            message=message,
+            error_code="enqueue_failed",
+            error_message=message,
+            finished_at=utcnow(),
+        )
+        session.commit()
+        raise Unavailable(
+            "enqueue_failed", "the job queue is unavailable; the job was marked failed"
+        ) from exc
+
+
+def get_job(*, session: Session, tenant_id: str, job_id: str) -> Job:
+    """One of the tenant's jobs (one indexed lookup); another tenant's id answers like a missing one."""
+    job = session.scalar(select(Job).where(Job.id == job_id, Job.tenant_id == tenant_id))
+    if job is None:
+        raise NotFound("job_not_found", f"no job {job_id!r}", param="job_id")
+    return job
+
+
+def list_jobs(
+    *, session: Session, tenant_id: str, limit: int, after: str | None = None, status: JobStatus | None = None
+) -> tuple[list[Job], bool]:
+    """A page of the tenant's jobs, newest first, optionally of one status, and whether more follow."""
+    query = select(Job).where(Job.tenant_id == tenant_id)
+    if status is not None:
+        query = query.where(Job.status == status)
+    if after is not None:
+        cursor = session.scalar(select(Job).where(Job.id == after, Job.tenant_id == tenant_id))
+        if cursor is None:
+            raise InvalidRequest("invalid_cursor", f"no job {after!r} to continue after", param="after")
+        query = query.where(
+            or_(
+                Job.created_at < cursor.created_at,
+                (Job.created_at == cursor.created_at) & (Job.id < cursor.id),
+            )
+        )
+    rows = list(session.scalars(query.order_by(Job.created_at.desc(), Job.id.desc()).limit(limit + 1)))
+    return rows[:limit], len(rows) > limit
+
+
+def cancel_job(*, session: Session, tenant_id: str, job_id: str) -> Job:
+    """Cancel a queued job at once, ask a running one to stop (`cancelling`); 409 once it has ended."""
+    for _ in range(3):  # the status may move under us (queued → running); retry against the new one
+        job = get_job(session=session, tenant_id=tenant_id, job_id=job_id)
+        if job.status == JobStatus.CANCELLING:
+            return job
+        if job.status.is_terminal:
+            raise Conflict(
+                "job_not_cancellable",
+                f"job {job_id!r} has already ended ({job.status.value})",
+                param="job_id",
+            )
+        now = utcnow()
+        if job.status == JobStatus.QUEUED:
+            changed = transition(
+                session,
+                job_id=job_id,
+                target=JobStatus.CANCELLED,
+                expected=[JobStatus.QUEUED],
+                message="job cancelled before it started",
+                cancel_requested_at=now,
+                finished_at=now,
+            )
+        else:
+            changed = transition(
+                session,
+                job_id=job_id,
+                target=JobStatus.CANCELLING,
+                expected=[JobStatus.RUNNING],
+                message="cancellation requested",
+                cancel_requested_at=now,
+            )
+        session.commit()
+        if changed:
+            session.expire(job)
+            return get_job(session=session, tenant_id=tenant_id, job_id=job_id)
+    raise ServiceError("cancel_conflict", "the job kept changing state; retry", param="job_id", status=409)
+
+
+def list_events(
+    *, session: Session, job_id: str, after_id: int | None = None, limit: int = 100
+) -> tuple[list[JobEvent], bool]:
+    """A job's events in order, after event `after_id`, and whether more follow."""
+    query = select(JobEvent).where(JobEvent.job_id == job_id)
+    if after_id is not None:
+        query = query.where(JobEvent.id > after_id)
+    rows = list(session.scalars(query.order_by(JobEvent.id).limit(limit + 1)))
+    return rows[:limit], len(rows) > limit
+
+
+def metric_series(
+    *, session: Session, job_id: str, names: Sequence[str] | None = None, from_step: int = 0
+) -> dict[str, list[tuple[int, float]]]:
+    """Each metric's (step, value) points in step order, optionally only `names` and from `from_step` on."""
+    query = select(Metric.name, Metric.step, Metric.value).where(
+        Metric.job_id == job_id, Metric.step >= from_step
+    )
+    if names:
+        query = query.where(Metric.name.in_(list(names)))
+    series: dict[str, list[tuple[int, float]]] = {}
+    for name, step, value in session.execute(query.order_by(Metric.name, Metric.step, Metric.id)):
+        series.setdefault(name, []).append((step, value))
+    return series
+
+
+def list_checkpoints(*, session: Session, job_id: str) -> list[Checkpoint]:
+    """A job's checkpoints, oldest step first."""
+    return list(
+        session.scalars(select(Checkpoint).where(Checkpoint.job_id == job_id).order_by(Checkpoint.step))
+    )
+
+
+def get_checkpoint(*, session: Session, job_id: str, step: int) -> Checkpoint:
+    """A job's checkpoint at `step`."""
+    row = session.scalar(select(Checkpoint).where(Checkpoint.job_id == job_id, Checkpoint.step == step))
+    if row is None:
+        raise NotFound(
+            "checkpoint_not_found", f"job {job_id!r} has no checkpoint at step {step}", param="step"
+        )
+    return row
