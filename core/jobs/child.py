@@ -1,0 +1,282 @@
+"""`python -m core.jobs.child JOB_ID --spec PATH --worker-id ID`: one training attempt of a job.
+
+Started by `core.jobs.runner` in its own process; reports progress to the database through
+`DatabaseCallbacks`, resumes from the job's last checkpoint, and leaves `result.json` (exit 0) or
+`error.json` with a code and a message (exit 3) in the job directory for the supervisor.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import sys
+import time
+import traceback
+from pathlib import Path
+from typing import Any
+
+from sqlalchemy import delete, insert, select, update
+
+from core.config import Settings
+from core.db import get_sessionmaker, utcnow
+from core.distill.callbacks import TrainerCallbacks
+from core.distill.data_formats import DataError
+from core.distill.model_checks import ModelReferenceError, TokenizerMismatchError
+from core.distill.spec import JobSpec
+from core.jobs.lifecycle import add_event
+from core.jobs.models import Checkpoint, Job, Metric
+from core.jobs.runner import ERROR_FILE, RESULT_FILE, STOP_FILE
+from core.jobs.states import JobStatus
+from core.storage import Storage
+
+EXIT_TRAINING_FAILED = 3
+_ACTIVE = (JobStatus.RUNNING, JobStatus.CANCELLING)
+
+
+class DatabaseCallbacks(TrainerCallbacks):
+    """Trainer callbacks that write metrics, events and checkpoints to the database.
+
+    Step metrics are buffered and written at most every `flush_interval_s` (one transaction each), so a
+    fast trainer does not turn into a database load. Every write is conditional on the job still being
+    this worker's; when it is not (re-queued by the reaper, say), writes stop and `should_stop` says so.
+    """
+
+    def __init__(
+        self,
+        *,
+        database_url: str,
+        storage: Storage,
+        job_id: str,
+        worker_id: str,
+        flush_interval_s: float = 0.5,
+        stop_check_interval_s: float = 0.25,
+    ) -> None:
+        self._sessions = get_sessionmaker(database_url)
+        self._storage = storage
+        self._job_id = job_id
+        self._worker_id = worker_id
+        self._stop_file = storage.job_dir(job_id) / STOP_FILE
+        self._flush_interval_s = flush_interval_s
+        self._stop_check_interval_s = stop_check_interval_s
+        self._pending: list[dict[str, Any]] = []
+        self._latest: dict[str, float] = {}
+        self._step: int | None = None
+        self._last_flush = time.monotonic()
+        self._last_stop_check = 0.0
+        self._stop_requested = False
+        self._owned = True
+        self.started = False
+
+    # ----------------------------------------------------------------------------- trainer interface
+    def on_start(self, *, total_steps: int, start_step: int) -> None:
+        self.started = True
+        self._step = start_step
+        with self._sessions.begin() as session:
+            if not self._claim_write(session, total_steps=total_steps):
+                return
+            if start_step > 0:
+                # Steps after the checkpoint were logged by the lost attempt and are about to run again.
+                session.execute(delete(Metric).where(Metric.job_id == self._job_id, Metric.step > start_step))
+                message = f"resumed from step {start_step} of {total_steps}"
+            else:
+                message = f"training started: {total_steps} steps"
+            add_event(
+                session,
+                job_id=self._job_id,
+                kind="start",
+                message=message,
+                data={"start_step": start_step, "total_steps": total_steps},
+            )
+
+    def on_step(self, step: int, metrics: dict[str, float]) -> None:
+        self._record(step, metrics)
+        if time.monotonic() - self._last_flush >= self._flush_interval_s:
+            self.flush()
+
+    def on_eval(self, step: int, metrics: dict[str, float], samples: list[dict[str, Any]]) -> None:
+        self._record(step, metrics)
+        finite = {k: v for k, v in metrics.items() if _finite(v)}
+        self.flush(
+            event=(
+                "eval",
+                f"evaluation at step {step}",
+                {"step": step, "metrics": finite, "samples": samples},
+            )
+        )
+
+    def on_checkpoint(self, step: int, path: Path, metrics: dict[str, float]) -> None:
+        self.flush()
+        if not self._owned:
+            return
+        relative = self._storage.relative(path)
+        size = sum(f.stat().st_size for f in Path(path).rglob("*") if f.is_file())
+        finite = {k: v for k, v in metrics.items() if _finite(v)}
+        with self._sessions.begin() as session:
+            if not self._claim_write(session):
+                return
+            # A lost attempt may have recorded this step already; keep_checkpoints may have deleted others.
+            session.execute(
+                delete(Checkpoint).where(Checkpoint.job_id == self._job_id, Checkpoint.step == step)
+            )
+            session.add(
+                Checkpoint(
+                    job_id=self._job_id, step=step, storage_path=relative, size_bytes=size, metrics=finite
+                )
+            )
+            for old in session.scalars(select(Checkpoint).where(Checkpoint.job_id == self._job_id)):
+                if old.step != step and not self._storage.resolve(old.storage_path).is_dir():
+                    session.delete(old)
+            add_event(
+                session,
+                job_id=self._job_id,
+                kind="checkpoint",
+                message=f"checkpoint saved at step {step}",
+                data={"step": step, "size_bytes": size},
+            )
+
+    def on_event(self, kind: str, message: str) -> None:
+        self.flush(event=(kind, message, None))
+
+    def should_stop(self) -> bool:
+        now = time.monotonic()
+        if not self._stop_requested and now - self._last_stop_check >= self._stop_check_interval_s:
+            self._last_stop_check = now
+            self._stop_requested = self._stop_file.exists()
+        return self._stop_requested or not self._owned
+
+    # ------------------------------------------------------------------------------------------ writes
+    def flush(self, event: tuple[str, str, dict[str, Any] | None] | None = None) -> None:
+        """Write buffered metrics, the job's progress and `event` in one transaction."""
+        self._last_flush = time.monotonic()
+        rows, self._pending = self._pending, []
+        if not self._owned:
+            return
+        with self._sessions.begin() as session:
+            progress: dict[str, Any] = {}
+            if self._step is not None:
+                progress = {"current_step": self._step, "latest_metrics": dict(self._latest)}
+            if not self._claim_write(session, **progress):
+                return
+            if rows:
+                session.execute(insert(Metric), rows)
+            if event is not None:
+                kind, message, data = event
+                add_event(session, job_id=self._job_id, kind=kind, message=message, data=data)
+
+    def _record(self, step: int, metrics: dict[str, float]) -> None:
+        self._step = step
+        now = utcnow()
+        for name, value in metrics.items():
+            if _finite(value):
+                self._pending.append(
+                    {
+                        "job_id": self._job_id,
+                        "step": step,
+                        "name": name,
+                        "value": float(value),
+                        "created_at": now,
+                    }
+                )
+                self._latest[name] = float(value)
+
+    def _claim_write(self, session: Any, **values: Any) -> bool:
+        """Touch the job row if it is still ours (and read whether a stop was asked), inside `session`."""
+        result = session.execute(
+            update(Job)
+            .where(Job.id == self._job_id, Job.worker_id == self._worker_id, Job.status.in_(_ACTIVE))
+            .values(updated_at=utcnow(), **values)
+            .returning(Job.status)
+            .execution_options(synchronize_session=False)
+        ).scalar_one_or_none()
+        if result is None:
+            self._owned = False
+            return False
+        if result is JobStatus.CANCELLING:
+            self._stop_requested = True
+        return True
+
+
+def _finite(value: object) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+# ---------------------------------------------------------------------------------------- error codes
+def error_code(exc: BaseException, *, started: bool) -> str:
+    """The stable code a failed job reports for `exc` (see the API's error documentation)."""
+    from core.distill.trainer import TrainingError
+
+    if isinstance(exc, DataError):
+        return "invalid_data"
+    if isinstance(exc, TokenizerMismatchError):
+        return "tokenizer_mismatch"
+    if isinstance(exc, ModelReferenceError):
+        return "model_load_failed"
+    if isinstance(exc, TrainingError):
+        return "non_finite_loss" if "non-finite" in str(exc) else "training_error"
+    if type(exc).__name__ == "OutOfMemoryError" or isinstance(exc, MemoryError):
+        return "out_of_memory"
+    if not started and _raised_in(exc, ("core/distill/models.py", "/transformers/", "/safetensors/")):
+        return "model_load_failed"
+    return "training_error"
+
+
+def _raised_in(exc: BaseException, markers: tuple[str, ...]) -> bool:
+    tb = exc.__traceback__
+    while tb is not None:
+        filename = tb.tb_frame.f_code.co_filename.replace(os.sep, "/")
+        if any(marker in filename for marker in markers):
+            return True
+        tb = tb.tb_next
+    return False
+
+
+def _write_json(path: Path, value: dict[str, Any]) -> None:
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(value), encoding="utf-8")
+    os.replace(tmp, path)
+
+
+# ------------------------------------------------------------------------------------------------ main
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m core.jobs.child")
+    parser.add_argument("job_id")
+    parser.add_argument("--spec", required=True, type=Path, help="The spec with file ids resolved to paths.")
+    parser.add_argument("--worker-id", required=True)
+    parser.add_argument("--device", default=None, help="Default: cuda when available, else cpu.")
+    args = parser.parse_args(argv)
+
+    settings = Settings()
+    storage = Storage(settings.artifacts)
+    output_dir = storage.job_dir(args.job_id)
+    callbacks = DatabaseCallbacks(
+        database_url=settings.database_url, storage=storage, job_id=args.job_id, worker_id=args.worker_id
+    )
+    try:
+        from core.distill.trainer import latest_checkpoint, train
+
+        spec = JobSpec.model_validate_json(args.spec.read_text(encoding="utf-8"))
+        resume_from = latest_checkpoint(output_dir)
+        if resume_from is not None:
+            callbacks.on_event("resume", f"resuming from checkpoint {resume_from.name}")
+        result = train(
+            spec, output_dir=output_dir, callbacks=callbacks, resume_from=resume_from, device=args.device
+        )
+        callbacks.flush()
+    except Exception as exc:
+        traceback.print_exc()
+        code = error_code(exc, started=callbacks.started)
+        message = str(exc).strip() or type(exc).__name__
+        _write_json(output_dir / ERROR_FILE, {"code": code, "message": message[:4000]})
+        try:
+            callbacks.flush()
+        except Exception:
+            traceback.print_exc()
+        return EXIT_TRAINING_FAILED
+    _write_json(output_dir / RESULT_FILE, {"step": result.step, "stopped": result.stopped})
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

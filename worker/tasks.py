@@ -1,0 +1,27 @@
+"""Celery tasks: thin wrappers that take ids and call core. A task never raises: whatever happens to a
+job is recorded on the job, and nothing in a job can take the worker down."""
+
+from __future__ import annotations
+
+import logging
+import os
+
+from core.config import get_settings
+from core.jobs.runner import run_job as supervise_job
+from core.queue import RUN_JOB_TASK
+from worker.celery_app import app
+
+log = logging.getLogger(__name__)
+
+
+@app.task(name=RUN_JOB_TASK, bind=True, acks_late=True, ignore_result=True)
+def run_job(self: object, job_id: str) -> str:
+    """Claim and run one distillation job (a no-op if another delivery already claimed it)."""
+    worker_id = f"{self.request.hostname or 'worker'}:{os.getpid()}"  # type: ignore[attr-defined]
+    try:
+        return supervise_job(job_id, get_settings(), worker_id)
+    except Exception:
+        # Typically the database is unreachable. The job is either still queued (retried on the next
+        # delivery or by an operator) or running with no heartbeat (the reaper re-queues it).
+        log.exception("job %s: the supervisor failed", job_id)
+        return "error"
