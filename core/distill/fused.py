@@ -10,10 +10,12 @@ upstream gradient, so nothing is recomputed.
 
 from __future__ import annotations
 
+import math
+
 import torch
 from torch import Tensor
 
-from core.distill.losses import token_losses, validate_loss_params
+from core.distill.losses import LossConfigError, token_losses, validate_loss_params
 
 # Elements of one [chunk, V] float32 tensor. CPU: chosen with bench/loss.py at V = 49,152, where a
 # chunk that stays near the caches is as fast as larger ones. CUDA: large enough to keep the matmuls
@@ -103,14 +105,24 @@ def fused_distillation_loss(
         h_s, student_head_weight, h_t, w_t, targets, loss, params, chunk_size, with_ce
     )
 
-    denominator = normalizer if normalizer is not None else rows.numel()
-    if isinstance(denominator, Tensor):
-        denominator = denominator.to(kd_sum.device, kd_sum.dtype)
-    elif denominator == 0:
-        # Only reachable with nothing selected, where both sums are 0: keep 0 instead of 0/0.
-        denominator = 1
+    denominator = _denominator(normalizer, rows.numel(), kd_sum)
     kd = kd_sum / denominator
     return (kd, ce_sum / denominator) if with_ce else kd
+
+
+def _denominator(normalizer: float | Tensor | None, rows: int, like: Tensor) -> float | Tensor:
+    """What the sums are divided by; the same rules as `distillation_loss`."""
+    if normalizer is None:
+        return max(rows, 1)
+    if isinstance(normalizer, Tensor):
+        return normalizer.to(device=like.device, dtype=like.dtype).clamp_min(1)
+    if not (math.isfinite(normalizer) and normalizer >= 0):
+        raise LossConfigError("normalizer", f"must be a finite number >= 0, got {normalizer}")
+    if normalizer == 0:
+        if rows:
+            raise LossConfigError("normalizer", f"is 0 but {rows} positions count")
+        return 1  # nothing counted: both sums are exactly 0
+    return normalizer
 
 
 class _HeadMatmuls:

@@ -33,7 +33,9 @@ LOSS_CASES = [
     ("amid", {"alpha": -1.0, "lam": 0.5, "order": "pr", "divergence": "ab"}),
     ("amid", {"alpha": 3.0, "lam": 0.1, "order": "qr", "divergence": "ab", "ab_alpha": 0.5, "ab_beta": 0.4}),
 ]
-CASE_IDS = [f"{name}-{'-'.join(f'{k}={v}' for k, v in params.items()) or 'default'}" for name, params in LOSS_CASES]
+CASE_IDS = [
+    f"{name}-{'-'.join(f'{k}={v}' for k, v in params.items()) or 'default'}" for name, params in LOSS_CASES
+]
 
 
 def _inputs(
@@ -101,7 +103,9 @@ def _assert_rel(actual: Tensor, expected: Tensor, rel: float) -> None:
 
 def _check_against_full_logits(t: dict[str, Tensor], loss: str, params: dict, rel: float, **kwargs) -> None:
     student, teacher = _reference_logits(t)
-    reference = distillation_loss(loss, student, teacher, t["labels"], normalizer=kwargs.get("normalizer"), **params)
+    reference = distillation_loss(
+        loss, student, teacher, t["labels"], normalizer=kwargs.get("normalizer"), **params
+    )
     fused = _fused(t, loss=loss, **kwargs, **params)
     assert fused.dtype == reference.dtype
     _assert_rel(fused, reference, rel)
@@ -176,7 +180,9 @@ def test_with_ce_matches_cross_entropy_for_any_upstream_gradients(kd_weight: flo
 def test_ce_alone_can_be_backpropagated() -> None:
     t = _inputs()
     student, _ = _reference_logits(t)
-    ce_ref = F.cross_entropy(student.reshape(-1, student.shape[-1]), t["labels"].reshape(-1), ignore_index=IGNORE)
+    ce_ref = F.cross_entropy(
+        student.reshape(-1, student.shape[-1]), t["labels"].reshape(-1), ignore_index=IGNORE
+    )
     _, ce = _fused(t, loss="fkl", chunk_size=3, with_ce=True)
     for g, w in zip(_grads(ce, t), _grads(ce_ref, t), strict=True):
         _assert_rel(g, w, 1e-5)
@@ -246,7 +252,9 @@ class _LargestAllocation(TorchDispatchMode):
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         out = func(*args, **(kwargs or {}))
-        existing = {a.untyped_storage().data_ptr() for a in tree_flatten((args, kwargs))[0] if isinstance(a, Tensor)}
+        existing = {
+            a.untyped_storage().data_ptr() for a in tree_flatten((args, kwargs))[0] if isinstance(a, Tensor)
+        }
         for tensor in tree_flatten(out)[0]:
             if isinstance(tensor, Tensor) and tensor.untyped_storage().data_ptr() not in existing:
                 self.largest = max(self.largest, tensor.untyped_storage().nbytes() // tensor.element_size())
@@ -256,7 +264,9 @@ class _LargestAllocation(TorchDispatchMode):
 @pytest.mark.parametrize("loss", ["amid", "taid", "jsd"])
 def test_no_tensor_larger_than_a_chunk_of_logits(loss: str) -> None:
     rows, vocab, hidden_s, hidden_t, chunk = 192, 500, 8, 12, 16
-    t = _inputs(batch=1, length=rows, hidden_s=hidden_s, hidden_t=hidden_t, vocab=vocab, vocab_t=vocab, masked=False)
+    t = _inputs(
+        batch=1, length=rows, hidden_s=hidden_s, hidden_t=hidden_t, vocab=vocab, vocab_t=vocab, masked=False
+    )
     bound = max(chunk * vocab, vocab * hidden_s, vocab * hidden_t, rows * hidden_s)
     assert bound * 8 <= rows * vocab  # the shapes leave room to tell the paths apart
 
@@ -284,8 +294,13 @@ def test_cuda_float32_matches_full_logits(loss: str, params: dict) -> None:
 def test_cuda_bfloat16_model_matches_float32_logits() -> None:
     torch.backends.cuda.matmul.allow_tf32 = False
     t = _inputs(device="cuda", vocab=300, vocab_t=320, hidden_s=64, hidden_t=96)
-    low = {k: (v.detach().to(torch.bfloat16).requires_grad_() if v.is_floating_point() else v) for k, v in t.items()}
-    exact = {k: (v.detach().double().requires_grad_() if v.is_floating_point() else v) for k, v in low.items()}
+    low = {
+        k: (v.detach().to(torch.bfloat16).requires_grad_() if v.is_floating_point() else v)
+        for k, v in t.items()
+    }
+    exact = {
+        k: (v.detach().double().requires_grad_() if v.is_floating_point() else v) for k, v in low.items()
+    }
     student, teacher = _reference_logits(exact)
     reference = distillation_loss("amid", student, teacher, exact["labels"])
     fused = _fused(low, loss="amid", chunk_size=7)
