@@ -180,6 +180,13 @@ class JobSpec(_Spec):
     training: TrainingSpec = Field(default_factory=TrainingSpec)
     evaluation: EvaluationSpec = Field(default_factory=EvaluationSpec)
 
+    @model_validator(mode="after")
+    def _adaptive_needs_eval(self) -> JobSpec:
+        # θ of the adaptive strategy only rises after validations; without them it is off_policy in disguise.
+        if self.strategy.name == "adaptive" and (self.data.eval is None or self.training.eval_every == 0):
+            raise ValueError("strategy 'adaptive' needs data.eval and training.eval_every > 0")
+        return self
+
     @classmethod
     def from_yaml(cls, path: str | Path) -> JobSpec:
         """Read a spec from YAML; relative data and model paths are resolved against the file's folder."""

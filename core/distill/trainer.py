@@ -1,0 +1,447 @@
+"""The distillation recipe: set up, train, evaluate, checkpoint, save. Configured only by a `JobSpec`.
+
+    result = train(spec, output_dir=Path("runs/x"), callbacks=MyCallbacks(),
+                   resume_from=latest_checkpoint(Path("runs/x")))
+
+One optimizer step = `grad_accum` micro-batches of `batch_size` examples. Every loss is a sum over response
+tokens divided by the number of response tokens in the whole step, so accumulating micro-batches gives the
+gradient of the one large batch. The student trains in float32 (bf16 autocast on CUDA); the teacher runs in
+eval mode without gradients, in its own dtype.
+"""
+
+from __future__ import annotations
+
+import math
+import random
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from core.distill.callbacks import TrainerCallbacks
+from core.distill.checkpoint import (
+    latest_checkpoint,
+    load_checkpoint_spec,
+    load_trainer_state,
+    rng_state,
+    save_checkpoint,
+    set_rng_state,
+)
+from core.distill.data import DistillDataset, Example, build_student_example, collate, load_records
+from core.distill.evaluation import EvalResult, GenerationSettings, evaluate, generate_responses
+from core.distill.losses import TaidInterpolation
+from core.distill.models import (
+    check_tokenizers_compatible,
+    effective_vocab_size,
+    load_causal_lm,
+    load_tokenizer,
+    save_student,
+    student_from_teacher_layers,
+)
+from core.distill.objective import Objective, count_loss_tokens, supports_fused
+from core.distill.schedule import build_optimizer, build_scheduler
+from core.distill.spec import JobSpec
+from core.distill.strategies import DataOrder, DataStrategy, Source
+
+__all__ = ["TrainResult", "TrainingError", "latest_checkpoint", "train"]
+
+_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+class TrainingError(RuntimeError):
+    """Training cannot go on (a non-finite loss, an unusable configuration); the message names the cause."""
+
+
+@dataclass
+class TrainResult:
+    """Where a run ended. `student_dir` is None when the run was stopped before `max_steps`."""
+
+    step: int
+    metrics: dict[str, float]
+    student_dir: Path | None
+    stopped: bool = False
+    checkpoint: Path | None = None
+
+
+@dataclass
+class _Run:
+    """Everything the loop touches, built once by `_setup`."""
+
+    spec: JobSpec
+    output_dir: Path
+    device: torch.device
+    tokenizer: Any
+    teacher: nn.Module
+    student: nn.Module
+    objective: Objective
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.LambdaLR
+    train_examples: list[Example]
+    eval_examples: list[Example]
+    order: DataOrder
+    strategy: DataStrategy
+    taid: TaidInterpolation | None
+    callbacks: TrainerCallbacks
+    step: int = 0
+    last_metrics: dict[str, float] = field(default_factory=dict)
+
+    @property
+    def pad_id(self) -> int:
+        pad = self.tokenizer.pad_token_id
+        return pad if pad is not None else self.tokenizer.eos_token_id
+
+
+# ---------------------------------------------------------------------------------------------- setup
+def validate_spec_for_training(spec: JobSpec) -> None:
+    """Refuse combinations the trainer cannot run, before anything is loaded."""
+    if spec.strategy.name == "adaptive" and (spec.data.eval is None or spec.training.eval_every == 0):
+        raise TrainingError(
+            "strategy 'adaptive' raises θ from validation losses: it needs data.eval and training.eval_every > 0"
+        )
+
+
+def _pick_device(device: str | None) -> torch.device:
+    if device is not None:
+        return torch.device(device)
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def _autocast_dtype(spec: JobSpec, device: torch.device) -> torch.dtype | None:
+    precision = spec.training.precision
+    if precision == "bf16" or (precision == "auto" and device.type == "cuda"):
+        return torch.bfloat16
+    return None
+
+
+def _teacher_dtype(spec: JobSpec, device: torch.device) -> torch.dtype:
+    if spec.teacher.dtype == "auto":
+        return torch.bfloat16 if device.type == "cuda" else torch.float32
+    return _DTYPES[spec.teacher.dtype]
+
+
+def _seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def _load_examples(spec: JobSpec, tokenizer: Any) -> tuple[list[Example], list[Example], str]:
+    """Training examples, the first `evaluation.max_records` eval examples, and a line for the event log."""
+    data = spec.data
+    lengths = {"max_length": data.max_length, "max_prompt_length": data.max_prompt_length}
+    loaded = load_records(data.train, data.format, skip_invalid=data.skip_invalid)
+    train_set = DistillDataset(loaded.records, tokenizer, data.format, **lengths)
+    if not train_set.examples:
+        raise TrainingError(f"{data.train}: no example keeps a response token within max_length")
+    eval_examples: list[Example] = []
+    if data.eval is not None:
+        eval_loaded = load_records(data.eval, data.format, skip_invalid=data.skip_invalid)
+        records = eval_loaded.records[: spec.evaluation.max_records]
+        eval_examples = DistillDataset(records, tokenizer, data.format, **lengths).examples
+    message = (
+        f"{len(train_set)} training examples ({loaded.skipped} invalid lines skipped, {train_set.dropped} "
+        f"without a response token after truncation); {len(eval_examples)} eval examples"
+    )
+    return train_set.examples, eval_examples, message
+
+
+def _setup(
+    spec: JobSpec,
+    output_dir: Path,
+    callbacks: TrainerCallbacks,
+    resume_from: Path | None,
+    device: torch.device,
+) -> _Run:
+    validate_spec_for_training(spec)
+    _seed_everything(spec.training.seed)
+    event = callbacks.on_event
+
+    event("load", f"loading tokenizer and teacher {spec.teacher.model}")
+    tokenizer = load_tokenizer(spec.teacher.model, spec.teacher.gguf_file)
+    if spec.student.model is not None:
+        # Checked before any model is loaded: a mismatch is a configuration error, not a training failure.
+        check_tokenizers_compatible(tokenizer, load_tokenizer(spec.student.model, spec.student.gguf_file))
+    if tokenizer.eos_token_id is None:
+        raise TrainingError("the tokenizer has no eos token")
+
+    teacher = load_causal_lm(spec.teacher.model, spec.teacher.gguf_file, dtype=torch.float32, device=device)
+    if resume_from is not None:
+        event("load", f"loading student from checkpoint {resume_from}")
+        student = load_causal_lm(resume_from, dtype=torch.float32, device=device)
+    elif spec.student.from_teacher_layers is not None:
+        student = student_from_teacher_layers(teacher, spec.student.from_teacher_layers, dtype=torch.float32)
+    else:
+        student = load_causal_lm(
+            spec.student.model, spec.student.gguf_file, dtype=torch.float32, device=device
+        )
+    teacher = teacher.to(_teacher_dtype(spec, device)).eval().requires_grad_(False)
+    student.train()
+    if spec.training.gradient_checkpointing:
+        student.gradient_checkpointing_enable()
+        student.config.use_cache = False
+    vocab_size = effective_vocab_size(teacher, student, tokenizer)
+
+    train_examples, eval_examples, message = _load_examples(spec, tokenizer)
+    event("data", message)
+
+    sample_ids = torch.tensor([train_examples[0].input_ids[:16]], device=device)
+    fused = spec.loss.fused and supports_fused(student, sample_ids) and supports_fused(teacher, sample_ids)
+    if spec.loss.fused and not fused:
+        event(
+            "warning", "a model post-processes its logits (bias, soft-capping, scaling): using the naive loss"
+        )
+    objective = Objective(
+        spec, vocab_size=vocab_size, fused=fused, autocast_dtype=_autocast_dtype(spec, device)
+    )
+
+    t = spec.training
+    optimizer = build_optimizer(student, learning_rate=t.learning_rate, weight_decay=t.weight_decay)
+    scheduler = build_scheduler(
+        optimizer, name=t.scheduler, warmup_steps=t.warmup_steps, total_steps=t.max_steps
+    )
+    taid = None
+    if spec.loss.name == "taid":
+        taid = TaidInterpolation(
+            spec.loss.taid_t_start, spec.loss.taid_beta_lr, spec.loss.taid_momentum, t.max_steps
+        )
+    run = _Run(
+        spec=spec,
+        output_dir=output_dir,
+        device=device,
+        tokenizer=tokenizer,
+        teacher=teacher,
+        student=student,
+        objective=objective,
+        optimizer=optimizer,
+        scheduler=scheduler,
+        train_examples=train_examples,
+        eval_examples=eval_examples,
+        order=DataOrder(len(train_examples), seed=t.seed),
+        strategy=DataStrategy(spec.strategy, total_steps=t.max_steps, seed=t.seed),
+        taid=taid,
+        callbacks=callbacks,
+    )
+    if resume_from is not None:
+        _restore(run, resume_from)
+    return run
+
+
+def _trainer_state(run: _Run) -> dict[str, Any]:
+    return {
+        "step": run.step,
+        "optimizer": run.optimizer.state_dict(),
+        "scheduler": run.scheduler.state_dict(),
+        "rng": rng_state(),
+        "data": run.order.state_dict(),
+        "strategy": run.strategy.state_dict(),
+        "taid": run.taid.state_dict() if run.taid is not None else None,
+        "metrics": run.last_metrics,
+    }
+
+
+def _restore(run: _Run, checkpoint: Path) -> None:
+    state = load_trainer_state(checkpoint)
+    stored = load_checkpoint_spec(checkpoint)
+    if stored.model_dump(exclude={"training"}) != run.spec.model_dump(exclude={"training"}):
+        run.callbacks.on_event(
+            "warning", f"resuming {checkpoint} with a spec that differs from its spec.json"
+        )
+    run.step = int(state["step"])
+    run.optimizer.load_state_dict(state["optimizer"])
+    run.scheduler.load_state_dict(state["scheduler"])
+    run.order.load_state_dict(state["data"])
+    run.strategy.load_state_dict(state["strategy"])
+    if run.taid is not None and state["taid"] is not None:
+        run.taid.load_state_dict(state["taid"])
+    run.last_metrics = dict(state.get("metrics") or {})
+    # Last: everything above may draw random numbers; the loop must continue the saved streams.
+    set_rng_state(state["rng"])
+
+
+# -------------------------------------------------------------------------------------------- one step
+def _student_examples(run: _Run, examples: list[Example]) -> list[Example]:
+    """On-policy samples: the student's responses to the batch's prompts, labelled like dataset examples."""
+    strategy, data = run.spec.strategy, run.spec.data
+    prompts = [ex.prompt_ids for ex in examples]
+    longest = max(len(p) for p in prompts)
+    settings = GenerationSettings(
+        max_new_tokens=strategy.max_new_tokens or max(1, data.max_length - longest),
+        do_sample=True,
+        temperature=strategy.temperature,
+        top_p=strategy.top_p,
+        batch_size=len(prompts),
+    )
+    eos = run.tokenizer.eos_token_id
+    responses = generate_responses(run.student, prompts, settings, pad_id=run.pad_id, eos_id=eos)
+    return [
+        build_student_example(p, r, eos, data.max_length) for p, r in zip(prompts, responses, strict=True)
+    ]
+
+
+def _step_batches(run: _Run, source: Source) -> tuple[list[dict[str, torch.Tensor]], float]:
+    """The step's micro-batches from `source` (on the device), and seconds spent generating."""
+    batch_size, generation_s = run.spec.training.batch_size, 0.0
+    batches = []
+    for _ in range(run.spec.training.grad_accum):
+        # The dataset position advances whatever the source, as DistiLLM's loop over its dataloader does.
+        examples = [run.train_examples[i] for i in run.order.take(batch_size)]
+        if source is Source.STUDENT:
+            start = time.perf_counter()
+            examples = _student_examples(run, examples)
+            generation_s += time.perf_counter() - start
+            if run.spec.strategy.name == "adaptive":
+                run.strategy.buffer.add(examples)
+        elif source is Source.REPLAY:
+            examples = run.strategy.buffer.sample(batch_size, run.strategy.generator)
+        batches.append({k: v.to(run.device) for k, v in collate(examples, run.pad_id).items()})
+    return batches, generation_s
+
+
+def _train_step(run: _Run, step: int) -> dict[str, float]:
+    """One optimizer step (1-based `step`); returns its metrics."""
+    started = time.perf_counter()
+    source = run.strategy.choose(step)
+    batches, generation_s = _step_batches(run, source)
+    normalizer = float(max(1, sum(count_loss_tokens(b) for b in batches)))
+    overrides = {"t": run.taid.t} if run.taid is not None else {}
+    lr = run.scheduler.get_last_lr()[0]
+
+    totals = {"loss": 0.0, "kd_loss": 0.0, "ce_loss": 0.0}
+    teacher_s = student_s = 0.0
+    for batch in batches:
+        start = time.perf_counter()
+        targets = run.objective.teacher_targets(run.teacher, batch)
+        teacher_s += time.perf_counter() - start
+        start = time.perf_counter()
+        terms = run.objective.student_losses(
+            run.student, run.teacher, targets, batch, normalizer=normalizer, **overrides
+        )
+        if not torch.isfinite(terms.loss):
+            raise TrainingError(f"non-finite loss ({terms.loss.item()}) at step {step}")
+        terms.loss.backward()
+        student_s += time.perf_counter() - start
+        totals["loss"] += terms.loss.item()
+        totals["kd_loss"] += terms.kd.item()
+        totals["ce_loss"] += terms.ce.item()
+
+    max_norm = run.spec.training.max_grad_norm
+    params = [p for p in run.student.parameters() if p.requires_grad]
+    grad_norm = float(torch.nn.utils.clip_grad_norm_(params, max_norm if max_norm > 0 else math.inf))
+    if not math.isfinite(grad_norm):
+        raise TrainingError(f"non-finite gradient norm ({grad_norm}) at step {step}")
+    run.optimizer.step()
+    run.scheduler.step()
+    run.optimizer.zero_grad(set_to_none=True)
+
+    metrics = totals | {
+        "lr": lr,
+        "grad_norm": grad_norm,
+        "tokens_per_s": sum(int(b["attention_mask"].sum()) for b in batches)
+        / (time.perf_counter() - started),
+        "teacher_time_s": teacher_s,
+        "student_time_s": student_s,
+        "response_tokens": normalizer,
+    }
+    if run.spec.strategy.name != "off_policy":
+        metrics |= {"generation_time_s": generation_s, "on_policy": float(source is Source.STUDENT)}
+        metrics |= {"replayed": float(source is Source.REPLAY)} | run.strategy.stats()
+    if run.taid is not None:
+        metrics["taid_t"] = run.taid.t
+        run.taid.update(step, totals["loss"])
+    return metrics
+
+
+# ------------------------------------------------------------------------------------ eval, checkpoint
+def _evaluate(run: _Run, step: int) -> EvalResult:
+    e = run.spec.evaluation
+    settings = GenerationSettings(
+        max_new_tokens=e.max_new_tokens,
+        do_sample=e.do_sample,
+        temperature=e.temperature,
+        top_p=e.top_p,
+        batch_size=e.batch_size,
+    )
+    overrides = {"t": run.taid.t} if run.taid is not None else {}
+    result = evaluate(
+        run.student,
+        run.teacher,
+        run.objective,
+        run.tokenizer,
+        run.eval_examples,
+        settings,
+        num_samples=e.num_samples_logged,
+        seeds=(run.spec.training.seed,),
+        loss_overrides=overrides,
+    )
+    if run.strategy.after_eval(result.metrics["eval_loss"]):
+        run.callbacks.on_event(
+            "strategy", f"validation loss rose at step {step}: θ = {run.strategy.theta:.2f}"
+        )
+    result.metrics |= run.strategy.stats()
+    run.callbacks.on_eval(step, result.metrics, result.samples)
+    return result
+
+
+def _checkpoint(run: _Run) -> Path:
+    path = save_checkpoint(
+        run.output_dir,
+        run.step,
+        student=run.student,
+        tokenizer=run.tokenizer,
+        spec=run.spec,
+        trainer_state=_trainer_state(run),
+        keep=run.spec.training.keep_checkpoints,
+    )
+    run.callbacks.on_checkpoint(run.step, path, dict(run.last_metrics))
+    return path
+
+
+# ------------------------------------------------------------------------------------------------ train
+def train(
+    spec: JobSpec,
+    *,
+    output_dir: Path,
+    callbacks: TrainerCallbacks | None = None,
+    resume_from: Path | None = None,
+    device: str | None = None,
+) -> TrainResult:
+    """Distill `spec.teacher` into the student; checkpoints under `output_dir/checkpoints`, the final
+    student in `output_dir/student`. Raises `TrainingError` on a non-finite loss (naming the step) and
+    `TokenizerMismatchError` before training when the tokenizers disagree."""
+    output_dir = Path(output_dir)
+    output_dir.mkdir(parents=True, exist_ok=True)
+    callbacks = callbacks or TrainerCallbacks()
+    run = _setup(spec, output_dir, callbacks, resume_from, _pick_device(device))
+    t = spec.training
+    evaluating = t.eval_every > 0 and bool(run.eval_examples)
+    callbacks.on_start(total_steps=t.max_steps, start_step=run.step)
+
+    if evaluating and run.step == 0:
+        run.last_metrics |= _evaluate(run, 0).metrics  # the baseline before any update
+    last_checkpoint: Path | None = None
+    while run.step < t.max_steps:
+        run.step += 1
+        metrics = _train_step(run, run.step)
+        run.last_metrics |= metrics
+        callbacks.on_step(run.step, metrics)
+        if evaluating and (run.step % t.eval_every == 0 or run.step == t.max_steps):
+            run.last_metrics |= _evaluate(run, run.step).metrics
+        if t.checkpoint_every > 0 and run.step % t.checkpoint_every == 0:
+            last_checkpoint = _checkpoint(run)
+        if run.step < t.max_steps and callbacks.should_stop():
+            if last_checkpoint is None or not last_checkpoint.name.endswith(f"{run.step:08d}"):
+                last_checkpoint = _checkpoint(run)
+            callbacks.on_event("stopped", f"stopped at step {run.step}")
+            return TrainResult(
+                run.step, dict(run.last_metrics), None, stopped=True, checkpoint=last_checkpoint
+            )
+
+    student_dir = save_student(run.student, run.tokenizer, output_dir / "student")
+    callbacks.on_event("done", f"saved the student to {student_dir}")
+    return TrainResult(
+        run.step, dict(run.last_metrics), student_dir, stopped=False, checkpoint=last_checkpoint
+    )
