@@ -39,7 +39,7 @@ from core.distill.model_checks import ModelReferenceError, check_model_reference
 from core.distill.spec import JobSpec
 from core.jobs.lifecycle import add_event, transition
 from core.jobs.models import File, Job
-from core.jobs.states import JobStatus
+from core.jobs.states import JobStatus, sources_of
 from core.storage import Storage
 
 log = logging.getLogger(__name__)
@@ -327,7 +327,7 @@ def _finish(attempt: _Attempt, settings: Settings, target: JobStatus, message: s
             session,
             job_id=attempt.job_id,
             target=target,
-            expected=[JobStatus.RUNNING, JobStatus.CANCELLING],
+            expected=sources_of(target) & {JobStatus.RUNNING, JobStatus.CANCELLING},
             where=[Job.worker_id == attempt.worker_id],
             message=message,
             finished_at=utcnow(),
