@@ -3,6 +3,11 @@ shape `{"error": {"code", "message", "param"}}` with `status` as the HTTP status
 
 from __future__ import annotations
 
+import re
+
+# A dotted field path named in a message, e.g. "... needs data.eval ...".
+_DOTTED_FIELD = re.compile(r"\b([a-z_]+(?:\.[a-z_]+)+)\b")
+
 
 class ServiceError(Exception):
     status = 400
@@ -34,3 +39,9 @@ class PayloadTooLarge(ServiceError):
 
 class Unavailable(ServiceError):
     status = 503
+
+
+def param_from_message(message: str) -> str | None:
+    """The first dotted field path a message names: the best `param` for a whole-object validation error."""
+    match = _DOTTED_FIELD.search(message)
+    return match.group(1) if match else None

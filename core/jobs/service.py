@@ -18,7 +18,7 @@ from core.config import Settings
 from core.db import utcnow
 from core.distill.model_checks import ModelReferenceError, check_model_reference
 from core.distill.spec import JobSpec
-from core.errors import Conflict, InvalidRequest, NotFound, ServiceError, Unavailable
+from core.errors import Conflict, InvalidRequest, NotFound, ServiceError, Unavailable, param_from_message
 from core.files.service import get_file
 from core.jobs.lifecycle import add_event, transition
 from core.jobs.models import Checkpoint, Job, JobEvent, Metric
@@ -33,7 +33,7 @@ _COMPATIBLE_FORMATS = {"instruction": {"instruction"}, "chat": {"chat", "instruc
 
 def _validation_param(error: ValidationError) -> tuple[str | None, str]:
     first = error.errors()[0]
-    param = ".".join(str(part) for part in first["loc"]) or None
+    param = ".".join(str(part) for part in first["loc"]) or param_from_message(first["msg"])
     return param, f"{param}: {first['msg']}" if param else first["msg"]
 
 

@@ -1,0 +1,90 @@
+"""The FastAPI application factory: `uvicorn api.main:create_app --factory`.
+
+The app never creates tables (migrations are a separate step: `distill db upgrade`); at start-up it only
+stores the bootstrap API key when one is configured and the schema exists.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+
+from fastapi import FastAPI
+from sqlalchemy.exc import SQLAlchemyError
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from api.errors import UploadTooLarge, error_response, install_error_handlers
+from api.routers import files, health, jobs, outputs
+from core.auth import ensure_bootstrap_key
+from core.config import Settings, get_settings
+from core.db import get_sessionmaker
+
+logger = logging.getLogger(__name__)
+
+# Multipart boundaries and headers around the file; the exact file-size check happens while storing it.
+MULTIPART_OVERHEAD = 64 * 1024
+
+
+class UploadLimit:
+    """Refuse an upload body over the limit as it arrives, before it is spooled to disk in full."""
+
+    def __init__(self, app: ASGIApp, max_bytes: int, path: str = "/v1/files") -> None:
+        self.app, self.max_bytes, self.path = app, max_bytes, path
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http" or scope["method"] != "POST" or scope["path"].rstrip("/") != self.path:
+            await self.app(scope, receive, send)
+            return
+        limit = self.max_bytes + MULTIPART_OVERHEAD
+        declared = dict(scope["headers"]).get(b"content-length")
+        if declared is not None and declared.isdigit() and int(declared) > limit:
+            response = error_response(
+                413, "file_too_large", f"the upload is larger than the {self.max_bytes}-byte limit", "file"
+            )
+            await response(scope, receive, send)
+            return
+        received = 0
+
+        async def counting_receive() -> Message:
+            nonlocal received
+            message = await receive()
+            received += len(message.get("body", b""))
+            if received > limit:
+                raise UploadTooLarge(self.max_bytes)
+            return message
+
+        await self.app(scope, counting_receive, send)
+
+
+def _store_bootstrap_key(settings: Settings) -> None:
+    if not settings.bootstrap_api_key:
+        return
+    try:
+        with get_sessionmaker(settings.database_url)() as session:
+            ensure_bootstrap_key(session, settings.bootstrap_api_key)
+    except SQLAlchemyError:
+        logger.exception("could not store the bootstrap API key; has `distill db upgrade` run?")
+
+
+def create_app(settings: Settings | None = None) -> FastAPI:
+    """Build the API for `settings` (default: from the environment)."""
+    settings = settings or get_settings()
+
+    @asynccontextmanager
+    async def lifespan(_app: FastAPI) -> AsyncIterator[None]:
+        _store_bootstrap_key(settings)
+        yield
+
+    app = FastAPI(
+        title="Distillery",
+        version="0.1.0",
+        summary="Knowledge distillation for LLMs as a service.",
+        lifespan=lifespan,
+    )
+    app.state.settings = settings
+    install_error_handlers(app)
+    for router in (files.router, jobs.router, outputs.router, health.router):
+        app.include_router(router)
+    app.add_middleware(UploadLimit, max_bytes=settings.max_upload_bytes)
+    return app

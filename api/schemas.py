@@ -1,0 +1,178 @@
+"""Response models (pydantic v2); request bodies are `JobSpec` itself and multipart uploads."""
+
+from __future__ import annotations
+
+import math
+from datetime import datetime
+from typing import Any, Generic, TypeVar
+
+from pydantic import BaseModel, Field
+
+from core.db import utcnow
+from core.jobs.models import Checkpoint, File, Job, JobEvent
+from core.jobs.states import JobStatus
+
+T = TypeVar("T")
+
+
+def json_safe(value: Any) -> Any:
+    """NaN and ±inf (a diverged loss) become null: JSON has no such numbers."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {key: json_safe(item) for key, item in value.items()}
+    if isinstance(value, list):
+        return [json_safe(item) for item in value]
+    return value
+
+
+class ErrorDetail(BaseModel):
+    code: str
+    message: str
+    param: str | None = None
+
+
+class ErrorResponse(BaseModel):
+    error: ErrorDetail
+
+
+class Page(BaseModel, Generic[T]):
+    data: list[T]
+    has_more: bool = False
+    next_cursor: str | None = Field(default=None, description="Pass as `after` to get the next page.")
+
+
+class FileOut(BaseModel):
+    id: str
+    filename: str
+    purpose: str
+    size_bytes: int
+    sha256: str
+    records: int
+    format: str | None
+    created_at: datetime
+
+    @classmethod
+    def of(cls, row: File) -> FileOut:
+        return cls.model_validate(row, from_attributes=True)
+
+
+class FileDeleted(BaseModel):
+    id: str
+    deleted: bool = True
+
+
+class Progress(BaseModel):
+    step: int
+    total_steps: int
+    percent: float
+    eta_seconds: float | None = Field(description="From the pace of the current attempt; null when unknown.")
+
+
+class JobError(BaseModel):
+    code: str
+    message: str
+
+
+class JobOut(BaseModel):
+    id: str
+    status: JobStatus
+    spec: dict[str, Any]
+    progress: Progress
+    latest_metrics: dict[str, Any]
+    error: JobError | None
+    attempts: int
+    max_attempts: int
+    worker_id: str | None
+    created_at: datetime
+    updated_at: datetime
+    started_at: datetime | None
+    finished_at: datetime | None
+    cancel_requested_at: datetime | None
+    heartbeat_at: datetime | None
+
+    @classmethod
+    def of(cls, job: Job) -> JobOut:
+        step, total = job.current_step, max(job.total_steps, 1)
+        eta = None
+        if job.status == JobStatus.RUNNING and job.started_at is not None and 0 < step < total:
+            elapsed = (utcnow() - job.started_at).total_seconds()
+            eta = round(elapsed / step * (total - step), 1) if elapsed > 0 else None
+        error = None
+        if job.error_code is not None:
+            error = JobError(code=job.error_code, message=job.error_message or "")
+        return cls(
+            id=job.id,
+            status=job.status,
+            spec=job.spec,
+            progress=Progress(
+                step=step,
+                total_steps=job.total_steps,
+                percent=round(100.0 * min(step, total) / total, 2),
+                eta_seconds=eta,
+            ),
+            latest_metrics=json_safe(job.latest_metrics or {}),
+            error=error,
+            attempts=job.attempts,
+            max_attempts=job.max_attempts,
+            worker_id=job.worker_id,
+            created_at=job.created_at,
+            updated_at=job.updated_at,
+            started_at=job.started_at,
+            finished_at=job.finished_at,
+            cancel_requested_at=job.cancel_requested_at,
+            heartbeat_at=job.heartbeat_at,
+        )
+
+
+class EventOut(BaseModel):
+    id: int
+    job_id: str
+    kind: str
+    message: str
+    data: dict[str, Any] | None
+    created_at: datetime
+
+    @classmethod
+    def of(cls, row: JobEvent) -> EventOut:
+        return cls(
+            id=row.id,
+            job_id=row.job_id,
+            kind=row.kind,
+            message=row.message,
+            data=json_safe(row.data),
+            created_at=row.created_at,
+        )
+
+
+class MetricPoint(BaseModel):
+    step: int
+    value: float | None = Field(description="null for a non-finite value (NaN, inf).")
+
+
+class MetricsOut(BaseModel):
+    job_id: str
+    series: dict[str, list[MetricPoint]]
+
+
+class CheckpointOut(BaseModel):
+    step: int
+    size_bytes: int
+    metrics: dict[str, Any]
+    created_at: datetime
+    download_url: str
+
+    @classmethod
+    def of(cls, row: Checkpoint) -> CheckpointOut:
+        return cls(
+            step=row.step,
+            size_bytes=row.size_bytes,
+            metrics=json_safe(row.metrics or {}),
+            created_at=row.created_at,
+            download_url=f"/v1/jobs/{row.job_id}/checkpoints/{row.step}/download",
+        )
+
+
+class CheckResult(BaseModel):
+    status: str
+    checks: dict[str, str]

@@ -1,0 +1,69 @@
+"""Server-sent events for a job's event log: poll the database, send what is new, stop after the end.
+
+Each event carries its database id as the SSE `id:`, so a reconnecting client that sends `Last-Event-ID`
+resumes exactly where it stopped. Comments (`: ...`) keep idle connections alive through proxies.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from collections.abc import AsyncIterator
+
+from anyio import to_thread
+from sqlalchemy import select
+
+from api.schemas import EventOut
+from core.db import get_sessionmaker
+from core.jobs.models import Job, JobEvent
+from core.jobs.service import list_events
+from core.jobs.states import TERMINAL_STATES
+
+POLL_INTERVAL_S = 0.5
+HEARTBEAT_S = 15.0
+BATCH = 500
+
+
+def _is_end(event: JobEvent) -> bool:
+    status = (event.data or {}).get("status") if event.kind == "status" else None
+    return status in {state.value for state in TERMINAL_STATES}
+
+
+def _poll(database_url: str, job_id: str, after_id: int | None) -> tuple[list[JobEvent], bool]:
+    """New events and whether the job has ended with nothing left to send."""
+    with get_sessionmaker(database_url)() as session:
+        events, _ = list_events(session=session, job_id=job_id, after_id=after_id, limit=BATCH)
+        if events:
+            return events, False
+        status = session.scalar(select(Job.status).where(Job.id == job_id))
+        return [], status is None or status in TERMINAL_STATES
+
+
+def format_event(event: JobEvent) -> str:
+    payload = EventOut.of(event).model_dump(mode="json")
+    return f"id: {event.id}\nevent: {event.kind}\ndata: {json.dumps(payload, separators=(',', ':'))}\n\n"
+
+
+async def job_event_stream(
+    database_url: str, job_id: str, after_id: int | None, poll_interval_s: float = POLL_INTERVAL_S
+) -> AsyncIterator[str]:
+    """The SSE body: events after `after_id` as they are written, until the job's final status event."""
+    yield "retry: 2000\n: connected\n\n"
+    loop = asyncio.get_running_loop()
+    last_sent = loop.time()
+    while True:
+        events, ended = await to_thread.run_sync(_poll, database_url, job_id, after_id)
+        for event in events:
+            yield format_event(event)
+            after_id = event.id
+            last_sent = loop.time()
+            if _is_end(event):
+                return
+        if ended:
+            return
+        if events:
+            continue  # a full batch may mean more are waiting
+        if loop.time() - last_sent >= HEARTBEAT_S:
+            yield ": keep-alive\n\n"
+            last_sent = loop.time()
+        await asyncio.sleep(poll_interval_s)
