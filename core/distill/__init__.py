@@ -34,7 +34,17 @@ _EXPORTS = {
     "fused_distillation_loss": "core.distill.fused",
 }
 
-__all__ = sorted(_EXPORTS)
+__all__ = [
+    "LOSS_NAMES",
+    "LossConfigError",
+    "TaidInterpolation",
+    "amid_loss",
+    "assistant_logprobs",
+    "distillation_loss",
+    "fused_distillation_loss",
+    "token_losses",
+    "validate_loss_params",
+]
 
 
 def __getattr__(name: str) -> Any:

@@ -7,8 +7,6 @@ positive probabilities — which is what these tests feed it.
 
 from __future__ import annotations
 
-import math
-
 import pytest
 import torch
 from torch import Tensor
@@ -224,11 +222,19 @@ def test_low_precision_inputs_match_float64(dtype: torch.dtype) -> None:
         )
         assert value.dtype == torch.float32, (name, params)
         torch.testing.assert_close(
-            value.double(), ref_value, rtol=1e-5, atol=0.0, msg=lambda m: f"{name} {params}: {m}"
+            value.double(),
+            ref_value,
+            rtol=1e-5,
+            atol=0.0,
+            msg=lambda m, label=f"{name} {params}": f"{label}: {m}",
         )
         # Autograd hands a bf16 leaf its gradient rounded to bf16 (8 bits): compare up to that rounding.
         rtol = 0.0 if dtype == torch.float32 else 2.0**-7
         atol = 1e-5 * float(ref_grad.abs().max())
         torch.testing.assert_close(
-            grad.double(), ref_grad, rtol=rtol, atol=atol, msg=lambda m: f"{name} {params}: {m}"
+            grad.double(),
+            ref_grad,
+            rtol=rtol,
+            atol=atol,
+            msg=lambda m, label=f"{name} {params}": f"{label}: {m}",
         )
