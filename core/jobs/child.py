@@ -137,7 +137,8 @@ class DatabaseCallbacks(TrainerCallbacks):
             )
 
     def on_event(self, kind: str, message: str) -> None:
-        self.flush(event=(kind, message, None))
+        # Paths inside the artifacts volume mean nothing to the API's users; keep them relative.
+        self.flush(event=(kind, message.replace(f"{self._storage.root}{os.sep}", ""), None))
 
     def should_stop(self) -> bool:
         now = time.monotonic()
@@ -232,6 +233,23 @@ def _raised_in(exc: BaseException, markers: tuple[str, ...]) -> bool:
     return False
 
 
+def public_message(message: str, *, spec: JobSpec, file_ids: dict[str, str], storage: Storage) -> str:
+    """`message` with the worker's file paths replaced by what the user knows: the uploaded file ids."""
+    for field, file_id in file_ids.items():
+        path = getattr(spec.data, field, None)
+        if path and path != file_id:
+            message = message.replace(path, f"file {file_id}")
+    return message.replace(f"{storage.root}{os.sep}", "")
+
+
+def _file_ids(database_url: str, job_id: str) -> dict[str, str]:
+    """The job's data fields as the user gave them (file ids), from the stored spec."""
+    with get_sessionmaker(database_url)() as session:
+        stored = session.scalar(select(Job.spec).where(Job.id == job_id)) or {}
+    data = stored.get("data") or {}
+    return {field: data[field] for field in ("train", "eval") if isinstance(data.get(field), str)}
+
+
 def _write_json(path: Path, value: dict[str, Any]) -> None:
     tmp = path.with_suffix(".tmp")
     tmp.write_text(json.dumps(value), encoding="utf-8")
@@ -253,10 +271,10 @@ def main(argv: list[str] | None = None) -> int:
     callbacks = DatabaseCallbacks(
         database_url=settings.database_url, storage=storage, job_id=args.job_id, worker_id=args.worker_id
     )
+    spec = JobSpec.model_validate_json(args.spec.read_text(encoding="utf-8"))
     try:
         from core.distill.trainer import latest_checkpoint, train
 
-        spec = JobSpec.model_validate_json(args.spec.read_text(encoding="utf-8"))
         resume_from = latest_checkpoint(output_dir)
         if resume_from is not None:
             callbacks.on_event("resume", f"resuming from checkpoint {resume_from.name}")
@@ -268,6 +286,11 @@ def main(argv: list[str] | None = None) -> int:
         traceback.print_exc()
         code = error_code(exc, started=callbacks.started)
         message = str(exc).strip() or type(exc).__name__
+        try:
+            file_ids = _file_ids(settings.database_url, args.job_id)
+        except Exception:
+            file_ids = {}
+        message = public_message(message, spec=spec, file_ids=file_ids, storage=storage)
         _write_json(output_dir / ERROR_FILE, {"code": code, "message": message[:4000]})
         try:
             callbacks.flush()

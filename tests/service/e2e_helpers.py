@@ -280,10 +280,16 @@ class ApiClient:
         return response.json()
 
     def events(self, job_id: str) -> list[dict[str, Any]]:
-        response = self.http.get(f"/v1/jobs/{job_id}/events")
-        assert response.status_code == 200, response.text
-        body = response.json()
-        return body["data"] if isinstance(body, dict) else body
+        events: list[dict[str, Any]] = []
+        params: dict[str, Any] = {"limit": 1000}
+        while True:
+            response = self.http.get(f"/v1/jobs/{job_id}/events", params=params)
+            assert response.status_code == 200, response.text
+            body = response.json()
+            events += body["data"]
+            if not body["has_more"]:
+                return events
+            params["after"] = body["next_cursor"]
 
     def wait_status(
         self, job_id: str, statuses: set[str], *, timeout: float, processes: list[ServiceProcess] = ()
@@ -300,4 +306,57 @@ class ApiClient:
 
 def copy_tree(source: Path, target: Path) -> Path:
     shutil.copytree(source, target, dirs_exist_ok=True)
+    return target
+
+
+class Stack:
+    """An API server, Celery workers and (optionally) a reaper, each a real `distill` subprocess."""
+
+    def __init__(self, settings: Settings, log_dir: Path, *, key: str) -> None:
+        self.settings = settings
+        self.log_dir = log_dir
+        self.env = settings_env(settings)
+        self.port = free_port()
+        self.api = ServiceProcess("api", distill_command("api", "--port", str(self.port)), self.env, log_dir)
+        self.workers: list[ServiceProcess] = []
+        self.others: list[ServiceProcess] = []
+        self.client = ApiClient(f"http://127.0.0.1:{self.port}", key)
+
+    def start_worker(self) -> ServiceProcess:
+        worker = ServiceProcess("worker", distill_command("worker"), self.env, self.log_dir)
+        self.workers.append(worker)
+        return worker
+
+    def start_reaper(self) -> ServiceProcess:
+        reaper = ServiceProcess("reaper", distill_command("reaper"), self.env, self.log_dir)
+        self.others.append(reaper)
+        return reaper
+
+    @property
+    def processes(self) -> list[ServiceProcess]:
+        return [self.api, *(w for w in self.workers if w.alive()), *self.others]
+
+    def stop(self) -> None:
+        for process in [*self.others, *self.workers, self.api]:
+            process.stop()
+        self.client.http.close()
+
+
+def download(client: ApiClient, path: str, target: Path) -> Path:
+    """Stream a .tar.gz download to `target`, check its size and SHA-256 headers, and extract it."""
+    import hashlib
+    import tarfile
+
+    digest = hashlib.sha256()
+    archive = target.with_suffix(".tar.gz")
+    with client.http.stream("GET", path) as response:
+        assert response.status_code == 200, response.read().decode()
+        with archive.open("wb") as handle:
+            for chunk in response.iter_bytes():
+                digest.update(chunk)
+                handle.write(chunk)
+        assert int(response.headers["content-length"]) == archive.stat().st_size
+        assert response.headers["x-content-sha256"] == digest.hexdigest()
+    with tarfile.open(archive) as tar:
+        tar.extractall(target, filter="data")
     return target
