@@ -18,7 +18,7 @@ from core.jobs.models import Tenant
 _bearer = HTTPBearer(auto_error=False, description="An API key: `Authorization: Bearer dk_...`")
 
 
-def get_app_settings(request: Request) -> Settings:
+async def get_app_settings(request: Request) -> Settings:
     return request.app.state.settings
 
 
