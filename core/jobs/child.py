@@ -50,6 +50,7 @@ class DatabaseCallbacks(TrainerCallbacks):
         storage: Storage,
         job_id: str,
         worker_id: str,
+        checkpoint_every: int = 0,
         flush_interval_s: float = 0.5,
         stop_check_interval_s: float = 0.25,
     ) -> None:
@@ -58,6 +59,7 @@ class DatabaseCallbacks(TrainerCallbacks):
         self._job_id = job_id
         self._worker_id = worker_id
         self._stop_file = storage.job_dir(job_id) / STOP_FILE
+        self._checkpoint_every = checkpoint_every
         self._flush_interval_s = flush_interval_s
         self._stop_check_interval_s = stop_check_interval_s
         self._pending: list[dict[str, Any]] = []
@@ -92,7 +94,10 @@ class DatabaseCallbacks(TrainerCallbacks):
 
     def on_step(self, step: int, metrics: dict[str, float]) -> None:
         self._record(step, metrics)
-        if time.monotonic() - self._last_flush >= self._flush_interval_s:
+        # Before a checkpoint of this step exists on disk its metrics must be stored: a resumed attempt
+        # starts after the checkpoint and will not log these steps again.
+        checkpoint_next = self._checkpoint_every > 0 and step % self._checkpoint_every == 0
+        if checkpoint_next or time.monotonic() - self._last_flush >= self._flush_interval_s:
             self.flush()
 
     def on_eval(self, step: int, metrics: dict[str, float], samples: list[dict[str, Any]]) -> None:
@@ -108,6 +113,14 @@ class DatabaseCallbacks(TrainerCallbacks):
 
     def on_checkpoint(self, step: int, path: Path, metrics: dict[str, float]) -> None:
         self.flush()
+        self._record_checkpoint(step, path, metrics, replace=True)
+
+    def on_resume(self, step: int, path: Path) -> None:
+        """Resuming from `path`: make sure it is listed (a lost attempt may have died before recording it)."""
+        self.on_event("resume", f"resuming from the checkpoint of step {step}")
+        self._record_checkpoint(step, path, {}, replace=False)
+
+    def _record_checkpoint(self, step: int, path: Path, metrics: dict[str, float], *, replace: bool) -> None:
         if not self._owned:
             return
         relative = self._storage.relative(path)
@@ -115,6 +128,9 @@ class DatabaseCallbacks(TrainerCallbacks):
         finite = {k: v for k, v in metrics.items() if _finite(v)}
         with self._sessions.begin() as session:
             if not self._claim_write(session):
+                return
+            existing = select(Checkpoint.id).where(Checkpoint.job_id == self._job_id, Checkpoint.step == step)
+            if not replace and session.scalar(existing) is not None:
                 return
             # A lost attempt may have recorded this step already; keep_checkpoints may have deleted others.
             session.execute(
@@ -128,13 +144,14 @@ class DatabaseCallbacks(TrainerCallbacks):
             for old in session.scalars(select(Checkpoint).where(Checkpoint.job_id == self._job_id)):
                 if old.step != step and not self._storage.resolve(old.storage_path).is_dir():
                     session.delete(old)
-            add_event(
-                session,
-                job_id=self._job_id,
-                kind="checkpoint",
-                message=f"checkpoint saved at step {step}",
-                data={"step": step, "size_bytes": size},
-            )
+            if replace:
+                add_event(
+                    session,
+                    job_id=self._job_id,
+                    kind="checkpoint",
+                    message=f"checkpoint saved at step {step}",
+                    data={"step": step, "size_bytes": size},
+                )
 
     def on_event(self, kind: str, message: str) -> None:
         # Paths inside the artifacts volume mean nothing to the API's users; keep them relative.
@@ -145,6 +162,8 @@ class DatabaseCallbacks(TrainerCallbacks):
         if not self._stop_requested and now - self._last_stop_check >= self._stop_check_interval_s:
             self._last_stop_check = now
             self._stop_requested = self._stop_file.exists()
+        if self._stop_requested and self._pending:
+            self.flush()  # the trainer checkpoints this step next
         return self._stop_requested or not self._owned
 
     # ------------------------------------------------------------------------------------------ writes
@@ -268,16 +287,20 @@ def main(argv: list[str] | None = None) -> int:
     settings = Settings()
     storage = Storage(settings.artifacts)
     output_dir = storage.job_dir(args.job_id)
-    callbacks = DatabaseCallbacks(
-        database_url=settings.database_url, storage=storage, job_id=args.job_id, worker_id=args.worker_id
-    )
     spec = JobSpec.model_validate_json(args.spec.read_text(encoding="utf-8"))
+    callbacks = DatabaseCallbacks(
+        database_url=settings.database_url,
+        storage=storage,
+        job_id=args.job_id,
+        worker_id=args.worker_id,
+        checkpoint_every=spec.training.checkpoint_every,
+    )
     try:
         from core.distill.trainer import latest_checkpoint, train
 
         resume_from = latest_checkpoint(output_dir)
         if resume_from is not None:
-            callbacks.on_event("resume", f"resuming from checkpoint {resume_from.name}")
+            callbacks.on_resume(int(resume_from.name.removeprefix("step-")), resume_from)
         result = train(
             spec, output_dir=output_dir, callbacks=callbacks, resume_from=resume_from, device=args.device
         )

@@ -69,6 +69,16 @@ def test_step_metrics_are_buffered_then_written_with_progress(settings: Settings
     assert job.current_step == 2 and job.latest_metrics == {"loss": 1.5, "lr": 1e-3}
 
 
+def test_a_checkpoint_steps_metrics_are_written_before_the_checkpoint(
+    settings: Settings, job_id: str
+) -> None:
+    cb = callbacks(settings, job_id, flush_interval_s=3600, checkpoint_every=2)
+    cb.on_step(1, {"loss": 2.0})
+    assert metric_steps(settings, job_id) == []
+    cb.on_step(2, {"loss": 1.0})  # the trainer saves the checkpoint of step 2 next
+    assert metric_steps(settings, job_id) == [1, 2]
+
+
 def test_resuming_drops_the_metrics_logged_after_the_checkpoint(settings: Settings, job_id: str) -> None:
     first = callbacks(settings, job_id, flush_interval_s=0)
     first.on_start(total_steps=6, start_step=0)
