@@ -118,24 +118,31 @@ def test_missing_and_foreign_files(live_api: LiveApi, acme: dict[str, str], tiny
 
 
 def test_bad_model_references(
-    live_api: LiveApi, acme: dict[str, str], tiny_teacher_dir: Path, tmp_path: Path
+    live_api: LiveApi,
+    acme: dict[str, str],
+    tiny_teacher_dir: Path,
+    tmp_path: Path,
+    request: pytest.FixtureRequest,
 ) -> None:
     outside = tmp_path / "outside-teacher"
     shutil.copytree(tiny_teacher_dir, outside)
-    (tiny_teacher_dir.parent / "escape").unlink(missing_ok=True)
+    root = tiny_teacher_dir.parent
+    link = root / f"link-{tmp_path.name}"
+    link.symlink_to(outside, target_is_directory=True)
+    request.addfinalizer(link.unlink)
     cases = [
-        (str(outside), "teacher.model"),  # a real model, but outside MODEL_ROOTS
-        (str(tiny_teacher_dir.parent / ".." / outside.name), "teacher.model"),
-        (str(tiny_teacher_dir.parent / "no-such-model"), "teacher.model"),
-        ("no-such-model", "teacher.model"),  # neither under a root nor allowed from the hub
-        ("some-org/some-model", "teacher.model"),
-        (str(tiny_teacher_dir.parent), "teacher.model"),  # a folder without config.json
+        (str(outside), "outside"),  # a real model, but outside MODEL_ROOTS
+        (str(root / ".." / tmp_path.name / outside.name), "outside"),  # climbs out with ..
+        (str(link), "outside"),  # a symlink inside the root pointing outside
+        (str(root / "no-such-model"), "does not exist"),
+        ("no-such-model", "hub"),  # neither under a root nor allowed from the hub
+        ("some-org/some-model", "hub"),
+        (str(root), "config.json"),  # a folder without config.json
     ]
     with live_api.client(acme["key"]) as client:
-        for model, param in cases:
-            assert_error(
-                client.post("/v1/jobs", json=job_spec(model, acme["train"])), 422, "invalid_model", param
-            )
+        for model, reason in cases:
+            response = client.post("/v1/jobs", json=job_spec(model, acme["train"]))
+            assert reason in assert_error(response, 422, "invalid_model", "teacher.model")["message"], model
         spec = _spec(tiny_teacher_dir, acme, student={"model": str(outside), "from_teacher_layers": None})
         assert_error(client.post("/v1/jobs", json=spec), 422, "invalid_model", "student.model")
         spec = _spec(tiny_teacher_dir, acme, student={"from_teacher_layers": [0, 7]})
