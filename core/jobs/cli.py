@@ -212,6 +212,9 @@ def run_serve(args: argparse.Namespace) -> int:
     reaper = threading.Thread(target=run_reaper, args=(settings, stop), name="reaper", daemon=True)
     reaper.start()
     url = f"http://{args.host}:{args.port}"
+    if not _wait_until_up(f"{url}/healthz", processes, stop):
+        _shut_down(processes)
+        return 0 if stop.is_set() else 1  # Ctrl-C during start-up is not an error
     print(
         f"\nDistillery is serving on {url} (OpenAPI: {url}/docs)\n"
         f"  API key:   {key}\n"
@@ -232,6 +235,29 @@ def run_serve(args: argparse.Namespace) -> int:
     _shut_down(processes)
     reaper.join(timeout=5)
     return exit_code
+
+
+def _wait_until_up(url: str, processes: dict[str, subprocess.Popen[bytes]], stop: threading.Event) -> bool:
+    """Wait until the API answers (so the printed URL works); False if a process died or we were stopped."""
+    import urllib.error
+    import urllib.request
+
+    deadline = time.monotonic() + 120
+    while not stop.is_set() and time.monotonic() < deadline:
+        for name, process in processes.items():
+            if process.poll() is not None:
+                print(f"the {name} process exited with code {process.returncode}", file=sys.stderr)
+                return False
+        try:
+            with urllib.request.urlopen(url, timeout=2) as response:
+                if response.status == 200:
+                    return True
+        except (urllib.error.URLError, OSError):
+            pass
+        stop.wait(0.25)
+    if not stop.is_set():
+        print(f"the API did not answer {url} within 120 s", file=sys.stderr)
+    return False
 
 
 def _shut_down(processes: dict[str, subprocess.Popen[bytes]]) -> None:
