@@ -15,7 +15,6 @@ sequence is then cut to `max_length` from the right, which shortens the response
 
 from __future__ import annotations
 
-import json
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -28,8 +27,13 @@ from transformers import PreTrainedTokenizerBase
 from core.distill.data_formats import (
     FORMATS,
     DataError,
+    FileReport,
+    InvalidLine,
     detect_format,
+    inspect_jsonl,
     instruction_as_chat,
+    is_blank,
+    parse_line,
     render_instruction_prompt,
     validate_record,
 )
@@ -58,12 +62,6 @@ __all__ = [
 IGNORE_INDEX = -100
 
 
-@dataclass(frozen=True)
-class InvalidLine:
-    line: int  # 1-based
-    error: str
-
-
 @dataclass
 class LoadedRecords:
     records: list[dict[str, Any]]
@@ -72,66 +70,11 @@ class LoadedRecords:
 
 
 @dataclass
-class FileReport:
-    records: int
-    invalid_lines: list[dict[str, Any]]  # [{"line": n, "error": msg}], at most max_errors entries
-    detected_format: str | None
-    invalid_count: int = 0  # every invalid line, including those beyond max_errors
-
-
-@dataclass
 class Example:
     input_ids: list[int]
     labels: list[int]
     prompt_ids: list[int]
     reference: str
-
-
-def _parse_line(raw: bytes | str) -> tuple[Any, str | None]:
-    """(record, None) or (None, error) for one JSONL line."""
-    if isinstance(raw, bytes):
-        try:
-            raw = raw.decode("utf-8")
-        except UnicodeDecodeError as exc:
-            return None, f"not valid UTF-8 ({exc.reason} at byte {exc.start})"
-    try:
-        return json.loads(raw), None
-    except json.JSONDecodeError as exc:
-        return None, f"invalid JSON: {exc.msg} (column {exc.colno})"
-
-
-def _is_blank(raw: bytes | str) -> bool:
-    return not raw.strip()
-
-
-def inspect_jsonl(lines: Iterable[bytes | str], fmt: str | None = None, max_errors: int = 50) -> FileReport:
-    """Parse and validate every line; report the count of valid records and the invalid lines by number.
-
-    Blank lines are ignored. With `fmt=None` the format is detected from the first JSON object and every
-    line is validated against it.
-    """
-    if fmt is not None and fmt not in FORMATS:
-        raise ValueError(f"unknown format {fmt!r}; expected one of {', '.join(FORMATS)}")
-    count, invalid, invalid_count = 0, [], 0
-    for number, raw in enumerate(lines, start=1):
-        if _is_blank(raw):
-            continue
-        record, error = _parse_line(raw)
-        if error is None:
-            if fmt is None:
-                fmt = detect_format(record)
-            error = (
-                validate_record(record, fmt)
-                if fmt is not None
-                else "cannot tell the format: expected 'instruction', 'messages' or 'text'"
-            )
-        if error is None:
-            count += 1
-        else:
-            invalid_count += 1
-            if len(invalid) < max_errors:
-                invalid.append({"line": number, "error": error})
-    return FileReport(records=count, invalid_lines=invalid, detected_format=fmt, invalid_count=invalid_count)
 
 
 def load_records(path: str | Path, fmt: str, *, skip_invalid: bool = False) -> LoadedRecords:
@@ -144,9 +87,9 @@ def load_records(path: str | Path, fmt: str, *, skip_invalid: bool = False) -> L
     loaded = LoadedRecords(records=[])
     with path.open("rb") as handle:
         for number, raw in enumerate(handle, start=1):
-            if _is_blank(raw):
+            if is_blank(raw):
                 continue
-            record, error = _parse_line(raw)
+            record, error = parse_line(raw)
             if error is None:
                 error = validate_record(record, fmt)
             if error is None:

@@ -1,7 +1,12 @@
-"""The three record formats: validation, detection and the Alpaca prompt. Pure functions, no tokenizer."""
+"""The three record formats: validation, detection, the Alpaca prompt and whole-file inspection.
+
+Pure functions with no torch or tokenizer import, so the API can check uploads cheaply."""
 
 from __future__ import annotations
 
+import json
+from collections.abc import Iterable
+from dataclasses import dataclass
 from typing import Any
 
 FORMATS = ("instruction", "chat", "text")
@@ -116,3 +121,64 @@ def validate_record(record: Any, fmt: str) -> str | None:
     if fmt == "chat":
         return _validate_chat(record)
     return _string_field(record, "text", required=True, non_empty=True)
+
+
+@dataclass(frozen=True)
+class InvalidLine:
+    line: int  # 1-based
+    error: str
+
+
+@dataclass
+class FileReport:
+    records: int
+    invalid_lines: list[dict[str, Any]]  # [{"line": n, "error": msg}], at most max_errors entries
+    detected_format: str | None
+    invalid_count: int = 0  # every invalid line, including those beyond max_errors
+
+
+def parse_line(raw: bytes | str) -> tuple[Any, str | None]:
+    """(record, None) or (None, error) for one JSONL line."""
+    if isinstance(raw, bytes):
+        try:
+            raw = raw.decode("utf-8")
+        except UnicodeDecodeError as exc:
+            return None, f"not valid UTF-8 ({exc.reason} at byte {exc.start})"
+    try:
+        return json.loads(raw), None
+    except json.JSONDecodeError as exc:
+        return None, f"invalid JSON: {exc.msg} (column {exc.colno})"
+
+
+def is_blank(raw: bytes | str) -> bool:
+    return not raw.strip()
+
+
+def inspect_jsonl(lines: Iterable[bytes | str], fmt: str | None = None, max_errors: int = 50) -> FileReport:
+    """Parse and validate every line; report the count of valid records and the invalid lines by number.
+
+    Blank lines are ignored. With `fmt=None` the format is detected from the first JSON object and every
+    line is validated against it.
+    """
+    if fmt is not None and fmt not in FORMATS:
+        raise ValueError(f"unknown format {fmt!r}; expected one of {', '.join(FORMATS)}")
+    count, invalid, invalid_count = 0, [], 0
+    for number, raw in enumerate(lines, start=1):
+        if is_blank(raw):
+            continue
+        record, error = parse_line(raw)
+        if error is None:
+            if fmt is None:
+                fmt = detect_format(record)
+            error = (
+                validate_record(record, fmt)
+                if fmt is not None
+                else "cannot tell the format: expected 'instruction', 'messages' or 'text'"
+            )
+        if error is None:
+            count += 1
+        else:
+            invalid_count += 1
+            if len(invalid) < max_errors:
+                invalid.append({"line": number, "error": error})
+    return FileReport(records=count, invalid_lines=invalid, detected_format=fmt, invalid_count=invalid_count)

@@ -13,6 +13,7 @@ from sqlalchemy import or_, select
 from sqlalchemy.orm import Session
 
 from core.config import Settings
+from core.distill.data_formats import inspect_jsonl
 from core.errors import Conflict, InvalidRequest, NotFound, PayloadTooLarge
 from core.jobs.models import File, Job, new_id
 from core.jobs.states import ACTIVE_STATES
@@ -59,8 +60,6 @@ def store_upload(
     purpose: str = "train",
 ) -> File:
     """Validate every line of an uploaded JSONL file and store it; refuses a bad file with 4xx."""
-    from core.distill.data import inspect_jsonl  # the engine's parser; imported late (it imports torch)
-
     if purpose not in PURPOSES:
         raise InvalidRequest(
             "invalid_purpose", f"purpose must be one of {', '.join(PURPOSES)}", param="purpose"
