@@ -11,7 +11,7 @@ import pytest
 import torch
 from torch import Tensor
 
-from core.distill.losses import LOSS_NAMES, ORDERS, default_loss_params, token_losses
+from core.distill.losses import LOSS_NAMES, ORDERS, assistant_logprobs, default_loss_params, token_losses
 
 
 @pytest.fixture(autouse=True)
@@ -238,3 +238,19 @@ def test_low_precision_inputs_match_float64(dtype: torch.dtype) -> None:
             atol=atol,
             msg=lambda m, label=f"{name} {params}": f"{label}: {m}",
         )
+
+
+@pytest.mark.parametrize("alpha", [-3.0, 0.5, 1.0005, 3.0])
+def test_assistant_gradient_at_tied_probabilities(alpha: float) -> None:
+    """Entries with p(v) = q(v) exactly sit on the switch between the two pivots of the log-space form."""
+    generator = torch.Generator().manual_seed(5)
+    log_p = torch.randn(3, 8, generator=generator, dtype=torch.float64).log_softmax(-1)
+    # q is p with two entries swapped: normalized, and tied with p on the other six.
+    log_q = log_p[:, [1, 0, 2, 3, 4, 5, 6, 7]].clone()
+    weights = torch.randn(3, 8, generator=generator, dtype=torch.float64)
+    leaf = log_q.clone().requires_grad_()
+    (grad,) = torch.autograd.grad((weights * assistant_logprobs(log_p, leaf, alpha, 0.3).exp()).sum(), leaf)
+    ref_leaf = log_q.clone().requires_grad_()
+    ref = ref_assistant(log_p.exp(), ref_leaf.exp(), alpha, 0.3)
+    (ref_grad,) = torch.autograd.grad((weights * ref).sum(), ref_leaf)
+    torch.testing.assert_close(grad, ref_grad, rtol=1e-9, atol=1e-13)

@@ -44,8 +44,9 @@ def kl_divergence(log_a: Tensor, log_b: Tensor) -> Tensor:
     near = u.abs() < 1.0
     u_near = u.masked_fill(~near, 0.0)
     terms = torch.where(near, a * u_near - b * torch.expm1(u_near), a * u - a + b)
-    # Where a = 0 only the "+ b" part is left.
-    return torch.where(absent, log_b.exp(), terms).sum(dim=-1)
+    # Where a = 0 only the "+ b" part is left; where b = 0 < a the entry is +inf even if a underflows to 0.
+    terms = torch.where(absent, log_b.exp(), terms).masked_fill(~absent & (log_b == _NEG_INF), math.inf)
+    return terms.sum(dim=-1)
 
 
 def total_variation(log_a: Tensor, log_b: Tensor) -> Tensor:
@@ -64,39 +65,46 @@ def ab_divergence(log_a: Tensor, log_b: Tensor, ab_alpha: float, ab_beta: float)
     """Cichocki's α-β divergence D_AB(a ‖ b) with parameters (a_, b_) = (ab_alpha, ab_beta).
 
     General case: −1/(a_·b_)·Σ_v [a^a_·b^b_ − a_/(a_+b_)·a^(a_+b_) − b_/(a_+b_)·b^(a_+b_)], each power
-    formed as exp(exponent·log-probability). Limits: b_ = 0: 1/a_²·Σ [a^a_·log(a^a_/b^a_) − a^a_ + b^a_]; a_ = 0: the same with
-    (a, b) swapped and b_ for a_; a_ + b_ = 0: 1/a_²·Σ [(a/b)^a_ − log (a/b)^a_ − 1]; a_ = b_ = 0:
-    ½·Σ (log a − log b)². (1, 0) is KL(a ‖ b); (½, ½) is 4·(1 − Σ √(a·b)).
+    formed as exp(exponent·log-probability). Limits: b_ = 0: 1/a_²·Σ [a^a_·log(a^a_/b^a_) − a^a_ + b^a_];
+    a_ = 0: the same with (a, b) swapped and b_ for a_; a_ + b_ = 0: 1/a_²·Σ [(a/b)^a_ − log (a/b)^a_ − 1];
+    a_ = b_ = 0: ½·Σ (log a − log b)². (1, 0) is KL(a ‖ b); (½, ½) is 4·(1 − Σ √(a·b)).
 
     Args:
         log_a, log_b: ``[..., V]`` normalized log-probabilities.
         ab_alpha, ab_beta: a_ and b_, any finite reals (NOT the mixture's α).
 
     Returns:
-        ``[...]``, >= 0. With a negative exponent and a zero probability the divergence is infinite and the
-        result is +inf or NaN.
+        ``[...]``, >= 0; +inf where an entry with exactly one zero probability has an infinite term (a zero
+        base with a non-positive exponent, or a log of it).
     """
     a_, b_ = float(ab_alpha), float(ab_beta)
     s = a_ + b_
     out_dtype = log_a.dtype
     if min(abs(a_), abs(b_), abs(s)) < _AB_WIDEN_BELOW and out_dtype != torch.float64:
         log_a, log_b = log_a.double(), log_b.double()
-    both_absent = (log_a == _NEG_INF) & (log_b == _NEG_INF)
-    log_a = log_a.masked_fill(both_absent, 0.0)
-    log_b = log_b.masked_fill(both_absent, 0.0)
+    a_zero, b_zero = log_a == _NEG_INF, log_b == _NEG_INF
+    both_zero = a_zero & b_zero
+    a_only, b_only = a_zero & ~both_zero, b_zero & ~both_zero
+    log_a = log_a.masked_fill(both_zero, 0.0)
+    log_b = log_b.masked_fill(both_zero, 0.0)
     small_a, small_b = abs(a_) < AB_LIMIT_BELOW, abs(b_) < AB_LIMIT_BELOW
+    # Entries with a single zero: which ones are infinite follows from the exponents. Said explicitly, since
+    # the float evaluation of such a limit may give 0·inf or inf − inf.
     if small_a and small_b:
-        terms = 0.5 * (log_a - log_b).square()
+        terms, infinite = 0.5 * (log_a - log_b).square(), a_only | b_only
     elif small_b:
-        terms = _ab_one_sided_terms(log_a, log_b, a_)
+        terms, infinite = _ab_one_sided_terms(log_a, log_b, a_), b_only | (a_only if a_ < 0 else b_only)
     elif small_a:
-        terms = _ab_one_sided_terms(log_b, log_a, b_)
+        terms, infinite = _ab_one_sided_terms(log_b, log_a, b_), a_only | (b_only if b_ < 0 else a_only)
     elif abs(s) < AB_LIMIT_BELOW:
         u = a_ * (log_a - log_b)
-        terms = (torch.expm1(u) - u) / (a_ * a_)
+        terms, infinite = (torch.expm1(u) - u) / (a_ * a_), a_only | b_only
     else:
         terms = _ab_general_terms(log_a, log_b, a_, b_)
-    return terms.masked_fill(both_absent, 0.0).sum(dim=-1).to(out_dtype)
+        none = torch.zeros_like(a_zero)
+        infinite = (a_only if min(a_, s) <= 0 else none) | (b_only if min(b_, s) <= 0 else none)
+    terms = terms.masked_fill(both_zero, 0.0).masked_fill(infinite, math.inf)
+    return terms.sum(dim=-1).to(out_dtype)
 
 
 def _ab_one_sided_terms(log_a: Tensor, log_b: Tensor, a_: float) -> Tensor:
