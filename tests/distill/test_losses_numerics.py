@@ -215,3 +215,23 @@ def test_ab_infinities_are_the_limit_of_vanishing_probabilities(x: float, y: flo
     else:
         assert torch.isfinite(at_zero).all()
         torch.testing.assert_close(loss_with(-400.0), at_zero, rtol=1e-9, atol=0)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_cuda_matches_cpu(dtype: torch.dtype) -> None:
+    student, teacher = _logits(torch.float32)
+    student[:, SHARED] = NEG_INF
+    teacher[:, SHARED] = NEG_INF
+    student, teacher = student.to(dtype), teacher.to(dtype)
+    for name, params in _configs():
+        loss, grad = _value_and_grad(name, student, teacher, params)
+        cuda_loss, cuda_grad = _value_and_grad(name, student.cuda(), teacher.cuda(), params)
+        label = f"{name} {params}"
+        torch.testing.assert_close(
+            cuda_loss.cpu(), loss, rtol=1e-5, atol=1e-6, msg=lambda m, c=label: f"{c}: {m}"
+        )
+        torch.testing.assert_close(
+            cuda_grad.cpu(), grad, rtol=1e-4, atol=1e-5, msg=lambda m, c=label: f"{c}: {m}"
+        )

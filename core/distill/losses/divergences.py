@@ -88,20 +88,23 @@ def ab_divergence(log_a: Tensor, log_b: Tensor, ab_alpha: float, ab_beta: float)
     log_a = log_a.masked_fill(both_zero, 0.0)
     log_b = log_b.masked_fill(both_zero, 0.0)
     small_a, small_b = abs(a_) < AB_LIMIT_BELOW, abs(b_) < AB_LIMIT_BELOW
-    # Entries with a single zero: which ones are infinite follows from the exponents. Said explicitly, since
+    # Which entries with a single zero are infinite follows from the exponents; it is said explicitly because
     # the float evaluation of such a limit may give 0·inf or inf − inf.
+    none = torch.zeros_like(a_zero)
     if small_a and small_b:
         terms, infinite = 0.5 * (log_a - log_b).square(), a_only | b_only
     elif small_b:
-        terms, infinite = _ab_one_sided_terms(log_a, log_b, a_), b_only | (a_only if a_ < 0 else b_only)
+        terms = _ab_one_sided_terms(log_a, log_b, a_)
+        infinite = b_only | (a_only if a_ < 0 else none)
     elif small_a:
-        terms, infinite = _ab_one_sided_terms(log_b, log_a, b_), a_only | (b_only if b_ < 0 else a_only)
+        terms = _ab_one_sided_terms(log_b, log_a, b_)
+        infinite = a_only | (b_only if b_ < 0 else none)
     elif abs(s) < AB_LIMIT_BELOW:
         u = a_ * (log_a - log_b)
         terms, infinite = (torch.expm1(u) - u) / (a_ * a_), a_only | b_only
     else:
         terms = _ab_general_terms(log_a, log_b, a_, b_)
-        none = torch.zeros_like(a_zero)
+        # A zero base needs positive exponents: a in a^a_·b^b_ and a^(a_+b_), b likewise.
         infinite = (a_only if min(a_, s) <= 0 else none) | (b_only if min(b_, s) <= 0 else none)
     terms = terms.masked_fill(both_zero, 0.0).masked_fill(infinite, math.inf)
     return terms.sum(dim=-1).to(out_dtype)
