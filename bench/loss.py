@@ -53,7 +53,7 @@ class Shape:
 
 
 CPU_SHAPE = Shape("SmolLM2", 4096, 49_152, 576, 576)
-QUICK_SHAPE = Shape("quick", 1024, 16_384, 256, 256)
+QUICK_SHAPE = Shape("quick", 2048, 16_384, 256, 256)
 CUDA_SHAPE = Shape("Qwen2.5-1.5B->0.5B", 8192, 151_936, 896, 1536)
 
 

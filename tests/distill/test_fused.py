@@ -135,8 +135,12 @@ def test_normalizer_replaces_the_token_count() -> None:
     _check_against_full_logits(t, "amid", {}, rel=1e-5, chunk_size=6, normalizer=57.0)
     by_count = _fused(t, loss="amid", chunk_size=6)
     by_normalizer = _fused(t, loss="amid", chunk_size=6, normalizer=57.0)
+    by_tensor = _fused(t, loss="amid", chunk_size=6, normalizer=torch.tensor(57))
     valid = int((t["labels"] != IGNORE).sum())
     torch.testing.assert_close(by_normalizer, by_count * valid / 57.0)
+    torch.testing.assert_close(by_tensor, by_normalizer)
+    with pytest.raises(LossConfigError):
+        _fused(t, loss="amid", normalizer=0.0)
 
 
 def test_teacher_gets_no_gradient() -> None:
@@ -188,22 +192,26 @@ def test_ce_alone_can_be_backpropagated() -> None:
         _assert_rel(g, w, 1e-5)
 
 
-def test_bfloat16_hidden_states_use_float32_logits() -> None:
+@pytest.mark.parametrize("weight_dtype", [torch.float32, torch.bfloat16])
+def test_bfloat16_hidden_states_use_float32_logits(weight_dtype: torch.dtype) -> None:
     t = _inputs()
     hidden_bf16 = t["student_hidden"].detach().to(torch.bfloat16).requires_grad_()
+    weight = t["student_head_weight"].detach().to(weight_dtype).requires_grad_()
     # The reference sees the same (exactly representable) values in float32.
     t["student_hidden"] = hidden_bf16.detach().float().requires_grad_()
+    t["student_head_weight"] = weight.detach().float().requires_grad_()
     student, teacher = _reference_logits(t)
     reference = distillation_loss("amid", student, teacher, t["labels"])
     ref_grad_h, ref_grad_w = _grads(reference, t)
 
-    t["student_hidden"] = hidden_bf16
+    t["student_hidden"], t["student_head_weight"] = hidden_bf16, weight
     fused = _fused(t, loss="amid", chunk_size=5)
     _assert_rel(fused, reference, 1e-5)
     grad_h, grad_w = _grads(fused, t)
-    assert grad_h.dtype == torch.bfloat16 and grad_w.dtype == torch.float32
-    _assert_rel(grad_w, ref_grad_w, 1e-5)
-    _assert_rel(grad_h, ref_grad_h, 1e-2)  # only the final rounding to bfloat16
+    assert grad_h.dtype == torch.bfloat16 and grad_w.dtype == weight_dtype
+    # Only the final rounding of a gradient to bfloat16 separates it from the float32 reference.
+    _assert_rel(grad_w, ref_grad_w, 1e-5 if weight_dtype == torch.float32 else 1e-2)
+    _assert_rel(grad_h, ref_grad_h, 1e-2)
 
 
 def test_enclosing_autocast_does_not_lower_the_logits_precision() -> None:
