@@ -1,0 +1,350 @@
+"""API latency under load, and what that load costs the training job, on loopback, in one run.
+
+Starts `distill api` and `distill worker` (real uvicorn and Celery processes) on a fresh home, uploads the
+bundled Dolly data, and starts one long training job of a small random model. Then, in order:
+
+1. quiet:    training throughput with no API traffic;
+2. polling:  100 concurrent clients, each polling `GET /v1/jobs/{id}` every `--interval` seconds and
+             creating a job (`POST /v1/jobs`) with probability `--post-fraction` instead; client-side
+             p50/p99 latency of both, and training throughput meanwhile;
+3. quiet again (the baseline is the mean of both quiet phases, which cancels slow drifts of the machine).
+
+Throughput is the trainer's optimizer steps per second over each phase (from the job's progress), and its
+own tokens/s metric. The created jobs are cancelled while still queued. The load generator runs in this
+process, on the same machine, and its CPU time competes with the server and the trainer too.
+
+    .venv/bin/python bench/api.py                        # embedded defaults: SQLite + SQLite broker
+    .venv/bin/python bench/api.py --backend postgres     # PostgreSQL + Redis on 127.0.0.1
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import random
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+import uuid
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import httpx
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+from core.config import Settings  # noqa: E402
+from core.jobs.cli import api_command, prepare_local_dirs, service_env, worker_command  # noqa: E402
+from core.migrate import upgrade_database  # noqa: E402
+
+POSTGRES_ADMIN_URL = os.environ.get(
+    "DISTILL_TEST_POSTGRES_URL", "postgresql+psycopg://postgres@127.0.0.1:5432/postgres"
+)
+REDIS_URL = os.environ.get("DISTILL_TEST_REDIS_URL", "redis://127.0.0.1:6379/0")
+
+
+@dataclass
+class Latencies:
+    samples: list[float] = field(default_factory=list)
+    errors: int = 0
+
+    def summary(self) -> dict[str, float | int]:
+        ordered = sorted(self.samples)
+        if not ordered:
+            return {"count": 0, "errors": self.errors}
+
+        def pct(q: float) -> float:
+            return ordered[min(len(ordered) - 1, round(q * (len(ordered) - 1)))] * 1000
+
+        return {
+            "count": len(ordered),
+            "errors": self.errors,
+            "p50_ms": pct(0.50),
+            "p99_ms": pct(0.99),
+            "max_ms": ordered[-1] * 1000,
+        }
+
+
+# --------------------------------------------------------------------------------------------- set-up
+def make_models(root: Path, hidden: int, layers: int) -> Path:
+    from core.distill.tiny import make_tiny_model, make_tiny_tokenizer
+
+    tokenizer = make_tiny_tokenizer(root / "tokenizer")
+    return make_tiny_model(
+        root / "teacher", hidden_size=hidden, num_layers=layers, num_heads=4, seed=1, tokenizer=tokenizer
+    )
+
+
+def postgres_database() -> tuple[str, Any]:
+    from sqlalchemy import create_engine, text
+    from sqlalchemy.engine import make_url
+
+    name = f"distill_bench_{uuid.uuid4().hex[:8]}"
+    admin = create_engine(POSTGRES_ADMIN_URL, isolation_level="AUTOCOMMIT")
+    with admin.connect() as connection:
+        connection.execute(text(f'CREATE DATABASE "{name}"'))
+
+    def drop() -> None:
+        from core.db import get_engine
+
+        get_engine(url).dispose()
+        with admin.connect() as connection:
+            connection.execute(text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
+
+    url = make_url(POSTGRES_ADMIN_URL).set(database=name).render_as_string(hide_password=False)
+    return url, drop
+
+
+def spec(teacher: Path, file_id: str, args: argparse.Namespace, max_steps: int) -> dict[str, Any]:
+    return {
+        "teacher": {"model": str(teacher)},
+        "student": {"from_teacher_layers": list(range(0, args.layers, 2))},
+        "data": {"train": file_id, "max_length": args.max_length, "max_prompt_length": args.max_length // 2},
+        "training": {
+            "max_steps": max_steps,
+            "batch_size": args.batch_size,
+            "checkpoint_every": 0,
+            "eval_every": 0,
+        },
+    }
+
+
+# ----------------------------------------------------------------------------------------- measuring
+def progress(client: httpx.Client, job_id: str) -> tuple[float, int]:
+    body = client.get(f"/v1/jobs/{job_id}").json()
+    if body["status"] != "running":
+        raise SystemExit(f"the training job is {body['status']}: {body.get('error')}")
+    return time.monotonic(), body["progress"]["step"]
+
+
+def tokens_per_s(client: httpx.Client, job_id: str, first: int, last: int) -> float:
+    series = client.get(
+        f"/v1/jobs/{job_id}/metrics", params={"names": "tokens_per_s", "from_step": first}
+    ).json()
+    values = [
+        p["value"] for p in series["series"].get("tokens_per_s", []) if p["step"] <= last and p["value"]
+    ]
+    return statistics.fmean(values) if values else float("nan")
+
+
+def quiet_phase(client: httpx.Client, job_id: str, seconds: float) -> dict[str, float]:
+    t0, s0 = progress(client, job_id)
+    time.sleep(seconds)
+    t1, s1 = progress(client, job_id)
+    return {"steps_per_s": (s1 - s0) / (t1 - t0), "tokens_per_s": tokens_per_s(client, job_id, s0 + 1, s1)}
+
+
+async def _client_loop(
+    http: httpx.AsyncClient, job_id: str, create_body: dict[str, Any], args: argparse.Namespace,
+    deadline: float, gets: Latencies, posts: Latencies, created: list[str],
+) -> None:  # fmt: skip
+    await asyncio.sleep(random.uniform(0, args.interval))  # spread the clients over the interval
+    while time.monotonic() < deadline:
+        started = time.perf_counter()
+        post = random.random() < args.post_fraction
+        try:
+            if post:
+                response = await http.post("/v1/jobs", json=create_body)
+            else:
+                response = await http.get(f"/v1/jobs/{job_id}")
+            ok = response.status_code < 300
+        except httpx.HTTPError:
+            ok, response = False, None
+        elapsed = time.perf_counter() - started
+        bucket = posts if post else gets
+        if ok:
+            bucket.samples.append(elapsed)
+            if post:
+                created.append(response.json()["id"])  # type: ignore[union-attr]
+        else:
+            bucket.errors += 1
+        await asyncio.sleep(max(0.0, args.interval - elapsed))
+
+
+async def polling(base_url: str, key: str, job_id: str, create_body: dict[str, Any], args: argparse.Namespace) -> tuple[Latencies, Latencies, list[str]]:  # fmt: skip
+    gets, posts, created = Latencies(), Latencies(), []
+    limits = httpx.Limits(max_connections=args.clients, max_keepalive_connections=args.clients)
+    headers = {"Authorization": f"Bearer {key}"}
+    async with httpx.AsyncClient(base_url=base_url, headers=headers, limits=limits, timeout=30) as http:
+        deadline = time.monotonic() + args.seconds
+        await asyncio.gather(
+            *(
+                _client_loop(http, job_id, create_body, args, deadline, gets, posts, created)
+                for _ in range(args.clients)
+            )
+        )
+    return gets, posts, created
+
+
+# ---------------------------------------------------------------------------------------------- main
+def main() -> int:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--backend", choices=["sqlite", "postgres"], default="sqlite")
+    parser.add_argument("--clients", type=int, default=100)
+    parser.add_argument("--interval", type=float, default=1.0, help="Seconds between one client's requests.")
+    parser.add_argument(
+        "--post-fraction", type=float, default=0.1, help="Share of requests that create a job."
+    )
+    parser.add_argument("--seconds", type=float, default=30.0, help="Length of each phase.")
+    parser.add_argument("--api-workers", type=int, default=1)
+    parser.add_argument(
+        "--hidden", type=int, default=128, help="Teacher hidden size (the student keeps half the layers)."
+    )
+    parser.add_argument("--layers", type=int, default=4)
+    parser.add_argument("--batch-size", type=int, default=4)
+    parser.add_argument("--max-length", type=int, default=128)
+    parser.add_argument("--json", type=Path, default=None, help="Also write the figures here.")
+    parser.add_argument("--keep", action="store_true", help="Keep the temporary home (logs) afterwards.")
+    args = parser.parse_args()
+
+    home = Path(tempfile.mkdtemp(prefix="distill-bench-"))
+    drop_database = None
+    processes: list[subprocess.Popen[bytes]] = []
+    try:
+        teacher = make_models(home / "models", args.hidden, args.layers)
+        key = f"dk_bench_{uuid.uuid4().hex}"
+        if args.backend == "postgres":
+            database_url, drop_database = postgres_database()
+            broker_url = REDIS_URL
+        else:
+            database_url, broker_url = "", ""
+        settings = Settings(
+            home=home, database_url=database_url, broker_url=broker_url, model_roots=[home / "models"],
+            bootstrap_api_key=key, task_queue=f"distill-bench-{uuid.uuid4().hex[:6]}",
+        )  # fmt: skip
+        prepare_local_dirs(settings)
+        upgrade_database(settings.database_url)
+        env = service_env(settings) | {
+            "DISTILL_BOOTSTRAP_API_KEY": key,
+            "DISTILL_TASK_QUEUE": settings.task_queue,
+        }
+        port = 18000 + random.randrange(1000)
+        logs = home / "logs"
+        logs.mkdir()
+        for name, command in (
+            ("api", api_command("127.0.0.1", port, args.api_workers)),
+            ("worker", worker_command(settings)),
+        ):
+            with open(logs / f"{name}.log", "wb") as log:
+                processes.append(
+                    subprocess.Popen(command, env=env, cwd=REPO, stdout=log, stderr=subprocess.STDOUT)
+                )
+
+        base_url = f"http://127.0.0.1:{port}"
+        client = httpx.Client(base_url=base_url, headers={"Authorization": f"Bearer {key}"}, timeout=30)
+        deadline = time.monotonic() + 120
+        while True:
+            try:
+                if client.get("/healthz").status_code == 200:
+                    break
+            except httpx.TransportError:
+                pass
+            if time.monotonic() > deadline or any(p.poll() is not None for p in processes):
+                raise SystemExit(f"the service did not start; see {logs}")
+            time.sleep(0.25)
+
+        with (REPO / "data" / "dolly" / "train.jsonl").open("rb") as handle:
+            file_id = client.post("/v1/files", files={"file": ("dolly.jsonl", handle)}).json()["id"]
+        job_id = client.post("/v1/jobs", json=spec(teacher, file_id, args, 10_000_000)).json()["id"]
+        print(f"training job {job_id}; waiting for it to run ...", flush=True)
+        deadline = time.monotonic() + 180
+        while client.get(f"/v1/jobs/{job_id}").json()["progress"]["step"] < 5:
+            if time.monotonic() > deadline:
+                raise SystemExit(f"the job did not start training; see {logs} and {home}/artifacts/jobs")
+            time.sleep(0.5)
+
+        print(f"phase 1/3: quiet, {args.seconds:g} s", flush=True)
+        quiet_before = quiet_phase(client, job_id, args.seconds)
+        print(
+            f"phase 2/3: {args.clients} clients polling every {args.interval:g} s, {args.seconds:g} s",
+            flush=True,
+        )
+        t0, s0 = progress(client, job_id)
+        gets, posts, created = asyncio.run(
+            polling(base_url, key, job_id, spec(teacher, file_id, args, 1), args)
+        )
+        t1, s1 = progress(client, job_id)
+        loaded = {
+            "steps_per_s": (s1 - s0) / (t1 - t0),
+            "tokens_per_s": tokens_per_s(client, job_id, s0 + 1, s1),
+        }
+        for created_id in created:
+            client.post(f"/v1/jobs/{created_id}/cancel")
+        print(f"phase 3/3: quiet, {args.seconds:g} s", flush=True)
+        quiet_after = quiet_phase(client, job_id, args.seconds)
+        client.post(f"/v1/jobs/{job_id}/cancel")
+
+        baseline = {k: (quiet_before[k] + quiet_after[k]) / 2 for k in quiet_before}
+        ratio = {k: loaded[k] / baseline[k] for k in baseline}
+        report = {
+            "backend": args.backend,
+            "clients": args.clients,
+            "interval_s": args.interval,
+            "api_workers": args.api_workers,
+            "requests_per_s": (len(gets.samples) + len(posts.samples)) / args.seconds,
+            "get_job": gets.summary(),
+            "post_job": posts.summary(),
+            "training_quiet_before": quiet_before,
+            "training_quiet_after": quiet_after,
+            "training_under_polling": loaded,
+            "throughput_ratio": ratio,
+            "cpus": os.cpu_count(),
+        }
+        print_report(report)
+        if args.json:
+            args.json.write_text(json.dumps(report, indent=2))
+        return 0
+    finally:
+        for process in processes:
+            process.terminate()
+        for process in processes:
+            try:
+                process.wait(timeout=15)
+            except subprocess.TimeoutExpired:
+                process.kill()
+        if drop_database is not None:
+            drop_database()
+        if args.keep:
+            print(f"kept {home}")
+        else:
+            shutil.rmtree(home, ignore_errors=True)
+
+
+def print_report(r: dict[str, Any]) -> None:
+    get, post = r["get_job"], r["post_job"]
+
+    def latency(name: str, s: dict[str, Any]) -> str:
+        if not s["count"]:
+            return f"{name}: no successful requests ({s['errors']} errors)"
+        return f"{name}: n={s['count']:>5}  p50 {s['p50_ms']:6.1f} ms  p99 {s['p99_ms']:6.1f} ms  max {s['max_ms']:6.1f} ms  errors {s['errors']}"
+
+    before, after, loaded, ratio = (r["training_quiet_before"], r["training_quiet_after"], r["training_under_polling"], r["throughput_ratio"])  # fmt: skip
+    print()
+    print(
+        f"backend {r['backend']}, {r['cpus']} CPUs, {r['api_workers']} API worker(s), {r['clients']} clients every {r['interval_s']:g} s ({r['requests_per_s']:.0f} requests/s)"
+    )
+    print(latency("GET  /v1/jobs/{id}", get))
+    print(latency("POST /v1/jobs     ", post))
+    for name in ("steps_per_s", "tokens_per_s"):
+        print(
+            f"training {name:<12}: quiet {before[name]:8.2f} / {after[name]:8.2f}   under polling {loaded[name]:8.2f}"
+            f"   ratio {ratio[name]:.3f} (loss {100 * (1 - ratio[name]):+.1f}%)"
+        )
+    get_ok = get.get("p99_ms", float("inf")) < 50
+    loss_ok = 1 - ratio["steps_per_s"] < 0.10
+    print(
+        f"targets: GET p99 < 50 ms: {'met' if get_ok else 'MISSED'}; training loss < 10%: {'met' if loss_ok else 'MISSED'}"
+    )
+
+
+if __name__ == "__main__":
+    sys.exit(main())
