@@ -31,6 +31,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
+from pydantic import ValidationError
 from sqlalchemy import func, select, update
 
 from core.config import Settings
@@ -146,7 +147,10 @@ def _prepare(attempt: _Attempt, settings: Settings) -> Path:
     with session_scope(settings.database_url) as session:
         job = session.get(Job, attempt.job_id)
         assert job is not None
-        spec = JobSpec.model_validate(job.spec)
+        try:
+            spec = JobSpec.model_validate(job.spec)
+        except ValidationError as exc:  # stored by a version with another JobSpec
+            raise JobSetupError("invalid_spec", f"the stored job spec is no longer valid: {exc}") from exc
         data = {"train": _file_path(session, storage, job.tenant_id, spec.data.train, "data.train")}
         if spec.data.eval is not None:
             data["eval"] = _file_path(session, storage, job.tenant_id, spec.data.eval, "data.eval")
