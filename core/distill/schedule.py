@@ -22,7 +22,12 @@ def build_optimizer(model: nn.Module, *, learning_rate: float, weight_decay: flo
         # Weight decay on gains and offsets only pulls normalisation layers towards zero, which is never wanted.
         (decay if param.dim() >= 2 else no_decay).append(param)
     groups = [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-    return torch.optim.AdamW([g for g in groups if g["params"]], lr=learning_rate)
+    groups = [g for g in groups if g["params"]]
+    try:
+        # The fused kernel does the whole update in one pass: several times faster than the per-op loop on CPU.
+        return torch.optim.AdamW(groups, lr=learning_rate, fused=True)
+    except (RuntimeError, TypeError, ValueError):
+        return torch.optim.AdamW(groups, lr=learning_rate)
 
 
 def lr_factor(step: int, *, name: ScheduleName, warmup_steps: int, total_steps: int) -> float:

@@ -168,7 +168,11 @@ def _setup(
     if tokenizer.eos_token_id is None:
         raise TrainingError("the tokenizer has no eos token")
 
-    teacher = load_causal_lm(spec.teacher.model, spec.teacher.gguf_file, dtype=torch.float32, device=device)
+    # Loaded straight in its own dtype (a float32 copy of a large teacher may not fit); a student cut from
+    # a bf16 teacher starts from its bf16-rounded weights, in float32.
+    teacher = load_causal_lm(
+        spec.teacher.model, spec.teacher.gguf_file, dtype=_teacher_dtype(spec, device), device=device
+    )
     if resume_from is not None:
         event("load", f"loading student from checkpoint {resume_from}")
         student = load_causal_lm(resume_from, dtype=torch.float32, device=device)
@@ -178,11 +182,14 @@ def _setup(
         student = load_causal_lm(
             spec.student.model, spec.student.gguf_file, dtype=torch.float32, device=device
         )
-    teacher = teacher.to(_teacher_dtype(spec, device)).eval().requires_grad_(False)
+    teacher.eval().requires_grad_(False)
     student.train()
     if spec.training.gradient_checkpointing:
-        student.gradient_checkpointing_enable()
-        student.config.use_cache = False
+        # transformers 5 renamed the switch; 4.x only has the old name.
+        enable = (
+            getattr(student, "activation_checkpointing_enable", None) or student.gradient_checkpointing_enable
+        )
+        enable()
     vocab_size = effective_vocab_size(teacher, student, tokenizer)
 
     train_examples, eval_examples, message = _load_examples(spec, tokenizer)

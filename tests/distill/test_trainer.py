@@ -200,3 +200,19 @@ def test_adaptive_strategy_needs_eval_data(tmp_path, tiny_teacher_dir, train4):
     bad = spec.model_copy(update={"strategy": spec.strategy.model_copy(update={"name": "adaptive"})})
     with pytest.raises(TrainingError, match="adaptive"):
         trainer_module.train(bad, output_dir=tmp_path)
+
+
+def test_gradient_checkpointing_gives_the_same_step(tmp_path, tiny_teacher_dir, tiny_student_dir, train16):
+    steps = [
+        _one_step(
+            tiny_spec(
+                tiny_teacher_dir,
+                tiny_student_dir,
+                train16,
+                training={"max_grad_norm": 0.0, "gradient_checkpointing": enabled},
+            ),
+            tmp_path / str(enabled),
+        )
+        for enabled in (False, True)
+    ]
+    _assert_same_step(*steps)
