@@ -134,11 +134,39 @@ def tokens_per_s(client: httpx.Client, job_id: str, first: int, last: int) -> fl
     return statistics.fmean(values) if values else float("nan")
 
 
-def quiet_phase(client: httpx.Client, job_id: str, seconds: float) -> dict[str, float]:
-    t0, s0 = progress(client, job_id)
-    time.sleep(seconds)
-    t1, s1 = progress(client, job_id)
-    return {"steps_per_s": (s1 - s0) / (t1 - t0), "tokens_per_s": tokens_per_s(client, job_id, s0 + 1, s1)}
+def _tree_cpu_seconds(root: int) -> float:
+    """User + system CPU seconds of process `root` and its live descendants, from /proc."""
+    parent, ticks = {}, {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        pid = int(stat.parent.name)
+        parent[pid], ticks[pid] = int(fields[1]), int(fields[11]) + int(fields[12])
+    total, frontier = 0, [root]
+    while frontier:
+        pid = frontier.pop()
+        total += ticks.get(pid, 0)
+        frontier += [child for child, ppid in parent.items() if ppid == pid]
+    return total / os.sysconf("SC_CLK_TCK")
+
+
+def _cpu_snapshot(pids: dict[str, int]) -> dict[str, float]:
+    own = os.times()
+    return {name: _tree_cpu_seconds(pid) for name, pid in pids.items()} | {"bench": own.user + own.system}
+
+
+def measure(
+    client: httpx.Client, job_id: str, pids: dict[str, int], action: Any
+) -> tuple[dict[str, float], Any]:
+    """Run `action()`; return training throughput and CPU cores used by each process group meanwhile."""
+    cpu0, (t0, s0) = _cpu_snapshot(pids), progress(client, job_id)
+    result = action()
+    cpu1, (t1, s1) = _cpu_snapshot(pids), progress(client, job_id)
+    figures = {"steps_per_s": (s1 - s0) / (t1 - t0), "tokens_per_s": tokens_per_s(client, job_id, s0 + 1, s1)}
+    figures |= {f"cpu_{name}": (cpu1[name] - cpu0[name]) / (t1 - t0) for name in cpu0}
+    return figures, result
 
 
 async def _client_loop(
@@ -197,6 +225,12 @@ def main() -> int:
     parser.add_argument("--seconds", type=float, default=30.0, help="Length of each phase.")
     parser.add_argument("--api-workers", type=int, default=1)
     parser.add_argument(
+        "--trainer-threads",
+        type=int,
+        default=None,
+        help="Default: all cores but one, as `distill serve` does.",
+    )
+    parser.add_argument(
         "--hidden", type=int, default=128, help="Teacher hidden size (the student keeps half the layers)."
     )
     parser.add_argument("--layers", type=int, default=4)
@@ -220,6 +254,7 @@ def main() -> int:
         settings = Settings(
             home=home, database_url=database_url, broker_url=broker_url, model_roots=[home / "models"],
             bootstrap_api_key=key, task_queue=f"distill-bench-{uuid.uuid4().hex[:6]}",
+            trainer_threads=args.trainer_threads or max(1, len(os.sched_getaffinity(0)) - 1),
         )  # fmt: skip
         prepare_local_dirs(settings)
         upgrade_database(settings.database_url)
@@ -262,34 +297,31 @@ def main() -> int:
                 raise SystemExit(f"the job did not start training; see {logs} and {home}/artifacts/jobs")
             time.sleep(0.5)
 
+        pids = {"api": processes[0].pid, "worker": processes[1].pid}
         print(f"phase 1/3: quiet, {args.seconds:g} s", flush=True)
-        quiet_before = quiet_phase(client, job_id, args.seconds)
+        quiet_before, _ = measure(client, job_id, pids, lambda: time.sleep(args.seconds))
         print(
             f"phase 2/3: {args.clients} clients polling every {args.interval:g} s, {args.seconds:g} s",
             flush=True,
         )
-        t0, s0 = progress(client, job_id)
-        gets, posts, created = asyncio.run(
-            polling(base_url, key, job_id, spec(teacher, file_id, args, 1), args)
+        create_body = spec(teacher, file_id, args, 1)
+        loaded, (gets, posts, created) = measure(
+            client, job_id, pids, lambda: asyncio.run(polling(base_url, key, job_id, create_body, args))
         )
-        t1, s1 = progress(client, job_id)
-        loaded = {
-            "steps_per_s": (s1 - s0) / (t1 - t0),
-            "tokens_per_s": tokens_per_s(client, job_id, s0 + 1, s1),
-        }
         for created_id in created:
             client.post(f"/v1/jobs/{created_id}/cancel")
         print(f"phase 3/3: quiet, {args.seconds:g} s", flush=True)
-        quiet_after = quiet_phase(client, job_id, args.seconds)
+        quiet_after, _ = measure(client, job_id, pids, lambda: time.sleep(args.seconds))
         client.post(f"/v1/jobs/{job_id}/cancel")
 
-        baseline = {k: (quiet_before[k] + quiet_after[k]) / 2 for k in quiet_before}
+        baseline = {k: (quiet_before[k] + quiet_after[k]) / 2 for k in ("steps_per_s", "tokens_per_s")}
         ratio = {k: loaded[k] / baseline[k] for k in baseline}
         report = {
             "backend": args.backend,
             "clients": args.clients,
             "interval_s": args.interval,
             "api_workers": args.api_workers,
+            "trainer_threads": settings.trainer_threads,
             "requests_per_s": (len(gets.samples) + len(posts.samples)) / args.seconds,
             "get_job": gets.summary(),
             "post_job": posts.summary(),
@@ -297,7 +329,7 @@ def main() -> int:
             "training_quiet_after": quiet_after,
             "training_under_polling": loaded,
             "throughput_ratio": ratio,
-            "cpus": os.cpu_count(),
+            "cpus": len(os.sched_getaffinity(0)),
         }
         print_report(report)
         if args.json:
@@ -330,7 +362,9 @@ def print_report(r: dict[str, Any]) -> None:
     before, after, loaded, ratio = (r["training_quiet_before"], r["training_quiet_after"], r["training_under_polling"], r["throughput_ratio"])  # fmt: skip
     print()
     print(
-        f"backend {r['backend']}, {r['cpus']} CPUs, {r['api_workers']} API worker(s), {r['clients']} clients every {r['interval_s']:g} s ({r['requests_per_s']:.0f} requests/s)"
+        f"backend {r['backend']}, {r['cpus']} CPUs, trainer threads {r['trainer_threads']}, "
+        f"{r['api_workers']} API worker(s), {r['clients']} clients every {r['interval_s']:g} s "
+        f"({r['requests_per_s']:.0f} requests/s)"
     )
     print(latency("GET  /v1/jobs/{id}", get))
     print(latency("POST /v1/jobs     ", post))
@@ -338,6 +372,17 @@ def print_report(r: dict[str, Any]) -> None:
         print(
             f"training {name:<12}: quiet {before[name]:8.2f} / {after[name]:8.2f}   under polling {loaded[name]:8.2f}"
             f"   ratio {ratio[name]:.3f} (loss {100 * (1 - ratio[name]):+.1f}%)"
+        )
+    requests = get["count"] + get["errors"] + post["count"] + post["errors"]
+    seconds = requests / r["requests_per_s"] if r["requests_per_s"] else float("nan")
+    print(
+        f"CPU cores used, quiet / under polling: trainer+worker {before['cpu_worker']:.2f} / {loaded['cpu_worker']:.2f}, "
+        f"API {before['cpu_api']:.2f} / {loaded['cpu_api']:.2f}, load generator {loaded['cpu_bench']:.2f}"
+    )
+    if requests:
+        print(
+            f"CPU per request: API {1000 * loaded['cpu_api'] * seconds / requests:.2f} ms, "
+            f"load generator {1000 * loaded['cpu_bench'] * seconds / requests:.2f} ms"
         )
     get_ok = get.get("p99_ms", float("inf")) < 50
     loss_ok = 1 - ratio["steps_per_s"] < 0.10

@@ -42,6 +42,11 @@ class Settings(BaseSettings):
     max_attempts: int = Field(default=3, ge=1)
     cancel_grace_s: float = Field(default=30.0, ge=0, description="Stop request → terminate after this.")
     task_queue: str = "distill"
+    trainer_threads: int = Field(
+        default=0,
+        ge=0,
+        description="CPU threads of a training process; 0 = PyTorch's default (`distill serve`: all cores but one).",
+    )
 
     @field_validator("model_roots", mode="before")
     @classmethod

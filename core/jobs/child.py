@@ -298,6 +298,12 @@ def main(argv: list[str] | None = None) -> int:
     try:
         from core.distill.trainer import latest_checkpoint, train
 
+        if settings.trainer_threads:
+            import torch
+
+            # Fewer threads than cores when the API shares the machine: OpenMP threads that lose their
+            # core to another process stall each other at every barrier.
+            torch.set_num_threads(settings.trainer_threads)
         resume_from = latest_checkpoint(output_dir)
         if resume_from is not None:
             callbacks.on_resume(int(resume_from.name.removeprefix("step-")), resume_from)

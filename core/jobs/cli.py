@@ -96,6 +96,7 @@ def service_env(settings: Settings) -> dict[str, str]:
         "DISTILL_BROKER_URL": settings.broker_url,
         "DISTILL_STORAGE_DIR": str(settings.artifacts),
         "DISTILL_MODEL_ROOTS": ",".join(str(root) for root in settings.model_roots),
+        "DISTILL_TRAINER_THREADS": str(settings.trainer_threads),
         "PYTHONUNBUFFERED": "1",
     }
 
@@ -200,6 +201,9 @@ def run_serve(args: argparse.Namespace) -> int:
     with get_sessionmaker(settings.database_url)() as session:
         ensure_bootstrap_key(session, key)
 
+    if not settings.trainer_threads:
+        # The API shares this machine with the trainer: leave it a core (see Settings.trainer_threads).
+        settings.trainer_threads = max(1, len(os.sched_getaffinity(0)) - 1)
     stop = threading.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda *_: stop.set())

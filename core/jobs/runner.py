@@ -196,6 +196,7 @@ def _supervise(attempt: _Attempt, settings: Settings, command: list[str]) -> Out
         # The child must see this process' settings even when they were not given by the environment.
         "DISTILL_DATABASE_URL": settings.database_url,
         "DISTILL_STORAGE_DIR": str(settings.artifacts),
+        "DISTILL_TRAINER_THREADS": str(settings.trainer_threads),
         "PYTHONUNBUFFERED": "1",
     }
     with open(log_path, "ab") as log_file:

@@ -90,14 +90,15 @@ def sqlite_database(directory: Path) -> str:
 
 
 def make_settings(home: Path, *, database_url: str, broker_url: str | None = None, **values: Any) -> Settings:
-    """Settings for a test service under `home`, with its own queue name."""
+    """Settings for a test service under `home`, with its own queue name and one-thread trainers (the test
+    machine's cores are shared by the API, the workers and the tests themselves)."""
     return Settings(
         home=home,
         database_url=database_url,
         broker_url=broker_url or f"sqla+sqlite:///{home / 'broker.db'}",
         storage_dir=home / "artifacts",
         task_queue=f"distill-test-{uuid.uuid4().hex[:8]}",
-        **values,
+        **({"trainer_threads": 1} | values),
     )
 
 
@@ -109,8 +110,6 @@ def settings_env(settings: Settings) -> dict[str, str]:
             continue
         env[f"DISTILL_{name.upper()}"] = ",".join(value) if isinstance(value, list) else str(value)
     env["PYTHONUNBUFFERED"] = "1"
-    # Trainer children of these tests share two cores with everything else.
-    env.setdefault("OMP_NUM_THREADS", "1")
     return env
 
 

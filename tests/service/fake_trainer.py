@@ -19,6 +19,9 @@ from pathlib import Path
 def main() -> int:
     mode, _job_id = sys.argv[1], sys.argv[2]
     job_dir = Path(sys.argv[sys.argv.index("--spec") + 1]).parent
+    (job_dir / "fake-env").write_text(
+        json.dumps({k: v for k, v in os.environ.items() if k.startswith("DISTILL_")}), encoding="utf-8"
+    )
     (job_dir / "fake-started").write_text(str(os.getpid()))
     if mode == "succeed":
         (job_dir / "student").mkdir(exist_ok=True)

@@ -27,7 +27,7 @@ from tests.service.e2e_helpers import (
 
 def start_serve(home: Path, port: int, models: Path) -> ServiceProcess:
     env = {key: value for key, value in os.environ.items() if not key.startswith("DISTILL_")}
-    env |= {"DISTILL_HOME": str(home), "DISTILL_MODEL_ROOTS": str(models), "OMP_NUM_THREADS": "1"}
+    env |= {"DISTILL_HOME": str(home), "DISTILL_MODEL_ROOTS": str(models)}
     return ServiceProcess("serve", distill_command("serve", "--port", str(port)), env, home.parent / "logs")
 
 

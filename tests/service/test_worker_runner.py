@@ -3,6 +3,7 @@ speaks the child's file protocol: claims, outcomes, cancellation, lost jobs, and
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
@@ -91,6 +92,10 @@ def test_success_is_recorded_and_a_second_delivery_is_ignored(settings: Settings
     assert (job.status, job.attempts, job.worker_id, job.current_step) == (JobStatus.SUCCEEDED, 1, "w1", 6)
     assert job.started_at is not None and job.finished_at is not None
     assert "attempt 1 of 3 started on worker w1" in messages(settings, job_id)
+    # The trainer process sees this worker's settings, whatever way they were given.
+    env = json.loads((Storage(settings.artifacts).job_dir(job_id) / "fake-env").read_text())
+    assert env["DISTILL_DATABASE_URL"] == settings.database_url
+    assert env["DISTILL_STORAGE_DIR"] == str(settings.artifacts) and env["DISTILL_TRAINER_THREADS"] == "1"
 
     # A duplicate delivery of the same task finds the job no longer queued and runs nothing.
     assert runner.run_job(job_id, settings, "w2", child_command=fake("succeed")) == "not_claimed"
