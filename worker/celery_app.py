@@ -9,7 +9,7 @@ from celery import Celery
 from celery.signals import worker_process_init
 
 from core.config import get_settings
-from core.jobs.runner import set_parent_death_signal
+from core.jobs.process import set_parent_death_signal
 from core.queue import celery_config
 
 app = Celery("distill")

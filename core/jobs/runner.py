@@ -16,8 +16,6 @@ How an attempt ends:
 
 from __future__ import annotations
 
-import contextlib
-import ctypes
 import functools
 import json
 import logging
@@ -38,6 +36,7 @@ from core.config import Settings
 from core.db import session_scope, utcnow
 from core.distill.model_checks import ModelReferenceError, check_model_reference
 from core.distill.spec import JobSpec
+from core.jobs import process as process_control
 from core.jobs.lifecycle import add_event, transition
 from core.jobs.models import File, Job
 from core.jobs.states import JobStatus, sources_of
@@ -52,26 +51,8 @@ ERROR_FILE = "error.json"
 SPEC_FILE = "spec.json"
 LOG_DIR = "logs"
 
-_PR_SET_PDEATHSIG = 1
-_KILL_WAIT_S = 5.0
 
 Outcome = Literal["not_claimed", "succeeded", "failed", "cancelled", "lost"]
-
-
-def set_parent_death_signal(sig: int = signal.SIGKILL) -> None:
-    """Ask Linux to send `sig` to this process when its parent (thread) dies; a no-op elsewhere."""
-    if not sys.platform.startswith("linux"):
-        return
-    libc = ctypes.CDLL(None, use_errno=True)
-    if libc.prctl(_PR_SET_PDEATHSIG, sig, 0, 0, 0) != 0:
-        raise OSError(ctypes.get_errno(), "prctl(PR_SET_PDEATHSIG) failed")
-
-
-def _child_preexec(parent_pid: int) -> None:
-    set_parent_death_signal()
-    # The parent may have died between fork and prctl: then nobody would ever send the signal.
-    if os.getppid() != parent_pid:
-        os._exit(1)
 
 
 class JobSetupError(Exception):
@@ -207,7 +188,7 @@ def _supervise(attempt: _Attempt, settings: Settings, command: list[str]) -> Out
             stderr=subprocess.STDOUT,
             env=env,
             start_new_session=True,  # its own process group: a kill reaches its helpers too
-            preexec_fn=functools.partial(_child_preexec, os.getpid()),
+            preexec_fn=functools.partial(process_control.child_preexec, os.getpid()),
         )
     log.info("job %s attempt %d: trainer pid %d", attempt.job_id, attempt.number, process.pid)
     check_interval = min(1.0, settings.heartbeat_interval_s)
@@ -228,7 +209,7 @@ def _supervise(attempt: _Attempt, settings: Settings, command: list[str]) -> Out
                 if status is None:
                     log.warning("job %s is no longer ours: stopping its trainer", attempt.job_id)
                     lost = True
-                    _kill_group(process)
+                    process_control.kill_group(process)
                     break
                 if status is JobStatus.CANCELLING and stop_requested_at is None:
                     (attempt.job_dir / STOP_FILE).touch()
@@ -241,12 +222,12 @@ def _supervise(attempt: _Attempt, settings: Settings, command: list[str]) -> Out
             ):
                 log.warning("job %s ignored its stop request: terminating it", attempt.job_id)
                 _add_event(attempt, settings, "cancel", "the trainer ignored the stop request: terminated")
-                _kill_group(process)
+                process_control.kill_group(process)
                 killed_for_cancel = True
             time.sleep(0.1)
     finally:
         if process.poll() is None:  # the supervisor itself failed: never leave a trainer behind
-            _kill_group(process)
+            process_control.kill_group(process)
     if lost:
         return "lost"
     return _record_end(attempt, settings, process.returncode, log_path)
@@ -274,18 +255,6 @@ def _check_in(attempt: _Attempt, settings: Settings, *, heartbeat: bool) -> JobS
         log.exception("job %s: heartbeat failed", attempt.job_id)
         return JobStatus.RUNNING
     return status
-
-
-def _kill_group(process: subprocess.Popen[bytes]) -> None:
-    """SIGTERM the child's process group, then SIGKILL it if it is still there after a few seconds."""
-    for sig, wait in ((signal.SIGTERM, _KILL_WAIT_S), (signal.SIGKILL, _KILL_WAIT_S)):
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(process.pid, sig)
-        try:
-            process.wait(timeout=wait)
-            return
-        except subprocess.TimeoutExpired:
-            continue
 
 
 # ----------------------------------------------------------------------------------------------- finish

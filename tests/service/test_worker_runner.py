@@ -17,6 +17,7 @@ from sqlalchemy import select
 
 from core.config import Settings
 from core.db import session_scope
+from core.jobs import process as process_control
 from core.jobs import runner
 from core.jobs.lifecycle import transition
 from core.jobs.models import File, Job, JobEvent
@@ -166,7 +167,7 @@ def test_a_trainer_ignoring_the_stop_request_is_killed(
     settings: Settings, job_id: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     settings.cancel_grace_s = 0.5
-    monkeypatch.setattr(runner, "_KILL_WAIT_S", 0.5)
+    monkeypatch.setattr(process_control, "KILL_WAIT_S", 0.5)
     thread = _cancel_when_started(settings, job_id)
     assert runner.run_job(job_id, settings, "w1", child_command=fake("ignore_stop")) == "cancelled"
     thread.join()
