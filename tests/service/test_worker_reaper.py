@@ -24,7 +24,7 @@ from tests.service.e2e_helpers import (
 )
 
 
-@pytest.fixture(params=["sqlite", "postgres"])
+@pytest.fixture(params=["sqlite", pytest.param("postgres", marks=pytest.mark.postgres)])
 def settings(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Settings]:
     if request.param == "sqlite":
         yield make_settings(tmp_path, database_url=sqlite_database(tmp_path / "db"), stale_after_s=30)

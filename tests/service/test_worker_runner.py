@@ -104,6 +104,7 @@ def test_success_is_recorded_and_a_second_delivery_is_ignored(settings: Settings
     assert sum("attempt" in m for m in messages(settings, job_id)) == 1
 
 
+@pytest.mark.postgres
 def test_concurrent_deliveries_claim_once_on_postgres(tmp_path: Path, tiny_teacher_dir: Path) -> None:
     with fresh_postgres_database() as url:
         settings = make_settings(tmp_path, database_url=url, model_roots=[tiny_teacher_dir.parent])
