@@ -292,15 +292,15 @@ def test_no_tensor_larger_than_a_chunk_of_logits(loss: str) -> None:
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 @pytest.mark.parametrize(("loss", "params"), LOSS_CASES, ids=CASE_IDS)
-def test_cuda_float32_matches_full_logits(loss: str, params: dict) -> None:
-    torch.backends.cuda.matmul.allow_tf32 = False
+def test_cuda_float32_matches_full_logits(loss: str, params: dict, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(torch.backends.cuda.matmul, "allow_tf32", False)
     _check_against_full_logits(_inputs(device="cuda"), loss, params, rel=1e-5, chunk_size=5)
 
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
-def test_cuda_bfloat16_model_matches_float32_logits() -> None:
-    torch.backends.cuda.matmul.allow_tf32 = False
+def test_cuda_bfloat16_model_matches_float32_logits(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(torch.backends.cuda.matmul, "allow_tf32", False)
     t = _inputs(device="cuda", vocab=300, vocab_t=320, hidden_s=64, hidden_t=96)
     low = {
         k: (v.detach().to(torch.bfloat16).requires_grad_() if v.is_floating_point() else v)
