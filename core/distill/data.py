@@ -8,9 +8,10 @@ Formats (one JSON object per line):
 - `text`: {"text"}; no prompt, every token is trained on.
 
 Labels have the length of `input_ids` and are NOT shifted (the trainer shifts); prompt positions hold -100.
-Prompts longer than `max_prompt_length` keep their END (left truncation): the response cue ("### Response:"
-or the chat generation prompt) and the latest context must survive, as generation needs them. The whole
-sequence is then cut to `max_length` from the right, which shortens the response (and may drop its eos).
+Prompts longer than `max_prompt_length` lose their MIDDLE (`truncate_middle`): the template header and
+instruction at the start, and the response cue ("### Response:" or the chat generation prompt) at the end,
+must survive, as generation needs them. The whole sequence is then cut to `max_length` from the right, which
+shortens the response (and may drop its eos).
 """
 
 from __future__ import annotations
@@ -52,6 +53,7 @@ __all__ = [
     "collate_prompts",
     "detect_format",
     "encode_example",
+    "truncate_middle",
     "inspect_jsonl",
     "instruction_as_chat",
     "load_records",
@@ -131,6 +133,19 @@ def _prompt_and_response(
     raise ValueError(f"unknown format {fmt!r}")
 
 
+def truncate_middle(ids: list[int], limit: int) -> list[int]:
+    """Keep the first and the last `limit // 2`-ish tokens of an over-long prompt, dropping its middle.
+
+    The start holds the template's header and the instruction, the end the latest context and the response
+    cue ("### Response:" or the chat template's generation prompt); generation needs both, while the middle
+    of a long context passage is the least harmful part to lose.
+    """
+    if len(ids) <= limit:
+        return ids
+    head = limit // 2
+    return ids[:head] + ids[len(ids) - (limit - head) :]
+
+
 def encode_example(
     record: dict[str, Any],
     tokenizer: PreTrainedTokenizerBase,
@@ -144,8 +159,7 @@ def encode_example(
     if eos_id is None:
         raise ValueError("the tokenizer has no eos token; responses must end with one")
     prompt_ids, response = _prompt_and_response(record, tokenizer, fmt)
-    if len(prompt_ids) > max_prompt_length:
-        prompt_ids = prompt_ids[len(prompt_ids) - max_prompt_length :]
+    prompt_ids = truncate_middle(prompt_ids, max_prompt_length)
     response_ids = list(tokenizer(response, add_special_tokens=False)["input_ids"]) + [eos_id]
     input_ids = (prompt_ids + response_ids)[:max_length]
     prompt_ids = prompt_ids[:max_length]

@@ -70,12 +70,13 @@ def test_instruction_example_masks_prompt_and_ends_with_eos(tok) -> None:
     assert ex.reference == "They nap."
 
 
-def test_long_prompt_keeps_its_end_and_sequence_is_cut(tok) -> None:
+def test_long_prompt_keeps_its_start_and_end_and_sequence_is_cut(tok) -> None:
     record = {"instruction": "Summarize.", "input": "word " * 200, "output": "Short answer here. " * 20}
     full_prompt = _ids(tok, render_instruction_prompt(record))
     assert len(full_prompt) > 40
     ex = encode_example(record, tok, "instruction", max_length=60, max_prompt_length=40)
-    assert ex.prompt_ids == full_prompt[-40:]
+    assert ex.prompt_ids == full_prompt[:20] + full_prompt[-20:]
+    assert tok.decode(ex.prompt_ids).startswith("Below is an instruction")
     assert tok.decode(ex.prompt_ids).endswith("### Response:\n")
     assert len(ex.input_ids) == 60
     assert ex.labels[:40] == [IGNORE_INDEX] * 40
