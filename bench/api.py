@@ -196,19 +196,29 @@ async def _client_loop(
         await asyncio.sleep(max(0.0, args.interval - elapsed))
 
 
-async def polling(base_url: str, key: str, job_id: str, create_body: dict[str, Any], args: argparse.Namespace) -> tuple[Latencies, Latencies, list[str]]:  # fmt: skip
-    gets, posts, created = Latencies(), Latencies(), []
+async def _loop_lag(deadline: float, lags: Latencies) -> None:
+    """How late this process's event loop wakes up: latency the load generator adds by itself (a stall
+    of the whole machine shows here as well as in the server's answers)."""
+    while time.monotonic() < deadline:
+        started = time.perf_counter()
+        await asyncio.sleep(0.01)
+        lags.samples.append(max(0.0, time.perf_counter() - started - 0.01))
+
+
+async def polling(base_url: str, key: str, job_id: str, create_body: dict[str, Any], args: argparse.Namespace) -> tuple[Latencies, Latencies, Latencies, list[str]]:  # fmt: skip
+    gets, posts, lags, created = Latencies(), Latencies(), Latencies(), []
     limits = httpx.Limits(max_connections=args.clients, max_keepalive_connections=args.clients)
     headers = {"Authorization": f"Bearer {key}"}
     async with httpx.AsyncClient(base_url=base_url, headers=headers, limits=limits, timeout=30) as http:
         deadline = time.monotonic() + args.seconds
         await asyncio.gather(
+            _loop_lag(deadline, lags),
             *(
                 _client_loop(http, job_id, create_body, args, deadline, gets, posts, created)
                 for _ in range(args.clients)
-            )
+            ),
         )
-    return gets, posts, created
+    return gets, posts, lags, created
 
 
 # ---------------------------------------------------------------------------------------------- main
@@ -305,7 +315,7 @@ def main() -> int:
             flush=True,
         )
         create_body = spec(teacher, file_id, args, 1)
-        loaded, (gets, posts, created) = measure(
+        loaded, (gets, posts, lags, created) = measure(
             client, job_id, pids, lambda: asyncio.run(polling(base_url, key, job_id, create_body, args))
         )
         for created_id in created:
@@ -325,6 +335,7 @@ def main() -> int:
             "requests_per_s": (len(gets.samples) + len(posts.samples)) / args.seconds,
             "get_job": gets.summary(),
             "post_job": posts.summary(),
+            "load_generator_loop_lag": lags.summary(),
             "training_quiet_before": quiet_before,
             "training_quiet_after": quiet_after,
             "training_under_polling": loaded,
@@ -368,6 +379,10 @@ def print_report(r: dict[str, Any]) -> None:
     )
     print(latency("GET  /v1/jobs/{id}", get))
     print(latency("POST /v1/jobs     ", post))
+    lag = r["load_generator_loop_lag"]
+    print(
+        f"load generator's own event-loop lag: p50 {lag['p50_ms']:.1f} ms  p99 {lag['p99_ms']:.1f} ms  max {lag['max_ms']:.1f} ms"
+    )
     for name in ("steps_per_s", "tokens_per_s"):
         print(
             f"training {name:<12}: quiet {before[name]:8.2f} / {after[name]:8.2f}   under polling {loaded[name]:8.2f}"

@@ -3,6 +3,8 @@ name). Building a Celery app imports no task code, so the API never imports `wor
 
 from __future__ import annotations
 
+import functools
+import sqlite3
 from functools import lru_cache
 
 from celery import Celery
@@ -31,7 +33,20 @@ def celery_config(settings: Settings) -> dict[str, object]:
         # visibility timeout only has to outlast the longest job to avoid a needless duplicate delivery
         # (which the atomic claim would ignore anyway).
         config["broker_transport_options"] = {"visibility_timeout": 7 * 24 * 3600}
+    elif settings.broker_url.startswith("sqla+sqlite:///"):
+        # kombu opens the broker file in SQLite's default rollback-journal mode: every publish fsyncs
+        # several times and blocks readers, so concurrent job creations stalled each other for seconds.
+        path = settings.broker_url.removeprefix("sqla+sqlite:///")
+        config["broker_transport_options"] = {"creator": functools.partial(_sqlite_broker_connection, path)}
     return config
+
+
+def _sqlite_broker_connection(path: str) -> sqlite3.Connection:
+    """A connection to the embedded broker's SQLite file in WAL mode with a generous busy timeout."""
+    connection = sqlite3.connect(path, timeout=30, check_same_thread=False)
+    connection.execute("PRAGMA journal_mode=WAL")
+    connection.execute("PRAGMA synchronous=NORMAL")
+    return connection
 
 
 @lru_cache(maxsize=4)
