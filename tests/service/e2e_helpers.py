@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import contextlib
 import os
-import shutil
 import signal
 import socket
 import subprocess
@@ -301,11 +300,6 @@ class ApiClient:
             return job if job["status"] in statuses else None
 
         return wait_for(reached, timeout=timeout, what=f"job {job_id} to reach {sorted(statuses)}")
-
-
-def copy_tree(source: Path, target: Path) -> Path:
-    shutil.copytree(source, target, dirs_exist_ok=True)
-    return target
 
 
 class Stack:
