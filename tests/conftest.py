@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import pytest
@@ -9,6 +10,17 @@ import pytest
 from core.distill.tiny import make_tiny_pair, make_tiny_tokenizer
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
+
+
+def service_unavailable(reason: str) -> None:
+    """Skip a test whose server (PostgreSQL, Redis) is down; fail instead where services are required.
+
+    CI sets DISTILL_REQUIRE_SERVICES=1 after starting the servers, so a broken service can never turn the
+    queue and database tests into silent skips there.
+    """
+    if os.environ.get("DISTILL_REQUIRE_SERVICES") == "1":
+        pytest.fail(f"{reason} (DISTILL_REQUIRE_SERVICES=1)")
+    pytest.skip(reason)
 
 
 @pytest.fixture(scope="session")

@@ -28,6 +28,7 @@ from sqlalchemy.orm import Session
 from core.config import Settings
 from core.db import get_engine, get_sessionmaker
 from core.migrate import upgrade_database
+from tests.conftest import service_unavailable
 
 POSTGRES_SERVER_URL = os.environ.get(
     "DISTILL_TEST_POSTGRES_URL", "postgresql+psycopg://postgres@127.0.0.1:5432/postgres"
@@ -57,7 +58,7 @@ class DatabaseFactory:
         if backend == "sqlite":
             return f"sqlite:///{self.directory / (name + '.db')}"
         if not _postgres_reachable():
-            pytest.skip(f"PostgreSQL is not reachable at {POSTGRES_SERVER_URL}")
+            service_unavailable(f"PostgreSQL is not reachable at {POSTGRES_SERVER_URL}")
         if self._admin is None:
             self._admin = create_engine(POSTGRES_SERVER_URL, isolation_level="AUTOCOMMIT")
         with self._admin.connect() as connection:

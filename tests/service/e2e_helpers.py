@@ -30,6 +30,7 @@ from core.jobs.models import File, Job, Tenant
 from core.jobs.states import JobStatus
 from core.migrate import upgrade_database
 from core.storage import Storage
+from tests.conftest import service_unavailable
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 POSTGRES_URL = os.environ.get(
@@ -51,12 +52,12 @@ def _reachable(url: str, default_port: int) -> bool:
 
 def require_postgres() -> None:
     if not _reachable(POSTGRES_URL, 5432):
-        pytest.skip(f"PostgreSQL is not reachable at {POSTGRES_URL}")
+        service_unavailable(f"PostgreSQL is not reachable at {POSTGRES_URL}")
 
 
 def require_redis() -> None:
     if not _reachable(REDIS_URL, 6379):
-        pytest.skip(f"Redis is not reachable at {REDIS_URL}")
+        service_unavailable(f"Redis is not reachable at {REDIS_URL}")
 
 
 @contextlib.contextmanager
