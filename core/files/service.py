@@ -9,7 +9,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import BinaryIO
 
-from sqlalchemy import or_, select
+from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from core.config import Settings
@@ -17,6 +17,7 @@ from core.distill.data_formats import inspect_jsonl
 from core.errors import Conflict, InvalidRequest, NotFound, PayloadTooLarge
 from core.jobs.models import File, Job, new_id
 from core.jobs.states import ACTIVE_STATES
+from core.pagination import newest_first_page
 from core.storage import Storage
 
 CHUNK_BYTES = 1 << 20
@@ -112,18 +113,7 @@ def list_files(
 ) -> tuple[list[File], bool]:
     """A page of the tenant's files, newest first, and whether more follow."""
     query = select(File).where(File.tenant_id == tenant_id)
-    if after is not None:
-        cursor = session.scalar(select(File).where(File.id == after, File.tenant_id == tenant_id))
-        if cursor is None:
-            raise InvalidRequest("invalid_cursor", f"no file {after!r} to continue after", param="after")
-        query = query.where(
-            or_(
-                File.created_at < cursor.created_at,
-                (File.created_at == cursor.created_at) & (File.id < cursor.id),
-            )
-        )
-    rows = list(session.scalars(query.order_by(File.created_at.desc(), File.id.desc()).limit(limit + 1)))
-    return rows[:limit], len(rows) > limit
+    return newest_first_page(session, query, File, tenant_id=tenant_id, after=after, limit=limit)
 
 
 def get_file(*, session: Session, tenant_id: str, file_id: str, param: str | None = None) -> File:

@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Any
 
 from pydantic import ValidationError
-from sqlalchemy import or_, select
+from sqlalchemy import select
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
@@ -23,6 +23,7 @@ from core.files.service import get_file
 from core.jobs.lifecycle import add_event, transition
 from core.jobs.models import Checkpoint, Job, JobEvent, Metric
 from core.jobs.states import JobStatus
+from core.pagination import newest_first_page
 from core.queue import enqueue_job
 
 logger = logging.getLogger(__name__)
@@ -224,18 +225,7 @@ def list_jobs(
     query = select(Job).where(Job.tenant_id == tenant_id)
     if status is not None:
         query = query.where(Job.status == status)
-    if after is not None:
-        cursor = session.scalar(select(Job).where(Job.id == after, Job.tenant_id == tenant_id))
-        if cursor is None:
-            raise InvalidRequest("invalid_cursor", f"no job {after!r} to continue after", param="after")
-        query = query.where(
-            or_(
-                Job.created_at < cursor.created_at,
-                (Job.created_at == cursor.created_at) & (Job.id < cursor.id),
-            )
-        )
-    rows = list(session.scalars(query.order_by(Job.created_at.desc(), Job.id.desc()).limit(limit + 1)))
-    return rows[:limit], len(rows) > limit
+    return newest_first_page(session, query, Job, tenant_id=tenant_id, after=after, limit=limit)
 
 
 def cancel_job(*, session: Session, tenant_id: str, job_id: str) -> Job:
