@@ -94,3 +94,11 @@ def test_eval_prints_rouge_l(tiny_student_dir, dolly_test_path, capsys):
     sampled = [*argv, "--max-new-tokens", "4", "--do-sample", "--temperature", "0.8", "--seeds", "1", "2"]
     assert main(sampled) == 0
     assert "seeds [1, 2]" in capsys.readouterr().out
+
+
+def test_example_specs_are_valid(repo_root):
+    from core.distill.spec import JobSpec
+
+    spec = JobSpec.from_yaml(repo_root / "examples" / "smollm2-dolly.yaml")
+    assert spec.loss.name == "amid" and spec.student.from_teacher_layers == [0, 6, 12, 18, 24, 29]
+    assert Path(spec.data.train).is_absolute() and Path(spec.data.train).is_file()
