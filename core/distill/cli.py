@@ -1,4 +1,4 @@
-"""`distill train` and `distill eval`: the engine on this machine, without the service.
+"""`distill train`, `distill eval` and `distill tiny-model`: the engine on this machine, without the service.
 
     distill train CONFIG.yaml [--output-dir runs/NAME] [--resume] [--device cpu]
     distill eval --model DIR --data data/dolly/test.jsonl [--max-records N] [--do-sample --seeds 1 2 3]
@@ -45,6 +45,28 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     ev.add_argument("--batch-size", type=int, default=8)
     ev.add_argument("--device", default=None)
     ev.set_defaults(handler=run_eval)
+
+    tiny = subparsers.add_parser(
+        "tiny-model", help="Write a tiny random Llama model + tokenizer (for trying the service out)."
+    )
+    tiny.add_argument("out_dir", type=Path, help="Directory to create, e.g. models/tiny-teacher.")
+    tiny.add_argument("--layers", type=int, default=4)
+    tiny.add_argument("--hidden-size", type=int, default=48)
+    tiny.add_argument("--seed", type=int, default=1)
+    tiny.set_defaults(handler=run_tiny_model)
+
+
+def run_tiny_model(args: argparse.Namespace) -> int:
+    from core.distill.tiny import make_tiny_model
+
+    if args.out_dir.exists() and any(args.out_dir.iterdir()):
+        print(f"{args.out_dir} exists and is not empty; choose another directory", file=sys.stderr)
+        return EXIT_USAGE
+    path = make_tiny_model(
+        args.out_dir, hidden_size=args.hidden_size, num_layers=args.layers, num_heads=4, seed=args.seed
+    )
+    print(f"wrote a random {args.layers}-layer Llama model (hidden {args.hidden_size}) to {path}")
+    return 0
 
 
 def _print_validation_error(source: Path, error: Any, out: TextIO) -> None:

@@ -102,3 +102,12 @@ def test_example_specs_are_valid(repo_root):
     spec = JobSpec.from_yaml(repo_root / "examples" / "smollm2-dolly.yaml")
     assert spec.loss.name == "amid" and spec.student.from_teacher_layers == [0, 6, 12, 18, 24, 29]
     assert Path(spec.data.train).is_absolute() and Path(spec.data.train).is_file()
+
+
+def test_tiny_model_writes_a_loadable_model_and_refuses_to_overwrite(tmp_path, capsys):
+    target = tmp_path / "models" / "tiny"
+    assert main(["tiny-model", str(target), "--layers", "2", "--hidden-size", "32"]) == 0
+    model = AutoModelForCausalLM.from_pretrained(target)
+    assert model.config.num_hidden_layers == 2 and model.config.hidden_size == 32
+    assert main(["tiny-model", str(target)]) == 2
+    assert "not empty" in capsys.readouterr().err
