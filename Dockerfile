@@ -1,9 +1,11 @@
 # The one image of the service: `distill api`, `distill worker`, `distill reaper` and `distill db upgrade`.
-#   docker build -t distillery .                                    # CPU build of PyTorch
-#   docker build -t distillery --build-arg TORCH_INDEX_URL=https://download.pytorch.org/whl/cu126 .  # GPU
+#   docker build -t distillery .                       # PyTorch from the default package index
+#   docker build -t distillery --build-arg TORCH_INDEX_URL=<PyTorch wheel index for your CUDA or CPU> .
 FROM python:3.11-slim
 
-ARG TORCH_INDEX_URL=https://download.pytorch.org/whl/cpu
+# Empty: torch comes from the default index. Set it to PyTorch's own wheel index of the CUDA version
+# (or the CPU-only build) you want.
+ARG TORCH_INDEX_URL=""
 ENV PYTHONDONTWRITEBYTECODE=1 \
     PYTHONUNBUFFERED=1 \
     PIP_NO_CACHE_DIR=1 \
@@ -13,7 +15,8 @@ RUN useradd --create-home --uid 1000 distill
 WORKDIR /app
 
 # PyTorch first, from the chosen index, so that installing the project keeps it (and the layer is cached).
-RUN pip install --index-url "${TORCH_INDEX_URL}" "torch>=2.4,<3"
+RUN if [ -n "${TORCH_INDEX_URL}" ]; then pip install --index-url "${TORCH_INDEX_URL}" "torch>=2.4,<3"; \
+    else pip install "torch>=2.4,<3"; fi
 
 COPY pyproject.toml README.md ./
 COPY core ./core
