@@ -18,7 +18,7 @@ from api.errors import UploadTooLarge, error_response, install_error_handlers
 from api.routers import files, health, jobs, outputs
 from core.auth import ensure_bootstrap_key
 from core.config import Settings, get_settings
-from core.db import get_sessionmaker
+from core.db import get_engine, get_sessionmaker
 
 logger = logging.getLogger(__name__)
 
@@ -67,6 +67,21 @@ def _store_bootstrap_key(settings: Settings) -> None:
         logger.exception("could not store the bootstrap API key; has `distill db upgrade` run?")
 
 
+def _warm_database_pool(settings: Settings, connections: int = 10) -> None:
+    """Open pooled connections before the first request: a burst of clients on a cold pool otherwise pays
+    for many new PostgreSQL connections (a server process each) at once, seconds of queueing on small hosts."""
+    engine = get_engine(settings.database_url)
+    opened = []
+    try:
+        for _ in range(min(connections, engine.pool.size()) if hasattr(engine.pool, "size") else 1):
+            opened.append(engine.connect())
+    except SQLAlchemyError:
+        logger.warning("database not reachable at start-up; connections will be opened on demand")
+    finally:
+        for connection in opened:
+            connection.close()
+
+
 def create_app(settings: Settings | None = None) -> FastAPI:
     """Build the API for `settings` (default: from the environment)."""
     settings = settings or get_settings()
@@ -74,6 +89,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     @asynccontextmanager
     async def lifespan(_app: FastAPI) -> AsyncIterator[None]:
         _store_bootstrap_key(settings)
+        _warm_database_pool(settings)
         yield
 
     app = FastAPI(

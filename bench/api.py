@@ -171,10 +171,12 @@ def measure(
 
 async def _client_loop(
     http: httpx.AsyncClient, job_id: str, create_body: dict[str, Any], args: argparse.Namespace,
-    deadline: float, gets: Latencies, posts: Latencies, created: list[str],
+    deadline: float, measure_from: float, gets: Latencies, posts: Latencies, warmup: Latencies,
+    created: list[str],
 ) -> None:  # fmt: skip
     await asyncio.sleep(random.uniform(0, args.interval))  # spread the clients over the interval
     while time.monotonic() < deadline:
+        warming = time.monotonic() < measure_from
         started = time.perf_counter()
         post = random.random() < args.post_fraction
         try:
@@ -186,7 +188,7 @@ async def _client_loop(
         except httpx.HTTPError:
             ok, response = False, None
         elapsed = time.perf_counter() - started
-        bucket = posts if post else gets
+        bucket = warmup if warming else (posts if post else gets)
         if ok:
             bucket.samples.append(elapsed)
             if post:
@@ -205,20 +207,25 @@ async def _loop_lag(deadline: float, lags: Latencies) -> None:
         lags.samples.append(max(0.0, time.perf_counter() - started - 0.01))
 
 
-async def polling(base_url: str, key: str, job_id: str, create_body: dict[str, Any], args: argparse.Namespace) -> tuple[Latencies, Latencies, Latencies, list[str]]:  # fmt: skip
-    gets, posts, lags, created = Latencies(), Latencies(), Latencies(), []
+async def polling(base_url: str, key: str, job_id: str, create_body: dict[str, Any], args: argparse.Namespace) -> tuple[Latencies, Latencies, Latencies, Latencies, list[str]]:  # fmt: skip
+    """Clients start together; the first `--warmup` seconds (connections, threads and database connections
+    being opened) are kept apart from the measured window and reported on their own line."""
+    gets, posts, lags, warmup, created = Latencies(), Latencies(), Latencies(), Latencies(), []
     limits = httpx.Limits(max_connections=args.clients, max_keepalive_connections=args.clients)
     headers = {"Authorization": f"Bearer {key}"}
     async with httpx.AsyncClient(base_url=base_url, headers=headers, limits=limits, timeout=30) as http:
-        deadline = time.monotonic() + args.seconds
+        measure_from = time.monotonic() + args.warmup
+        deadline = measure_from + args.seconds
         await asyncio.gather(
             _loop_lag(deadline, lags),
             *(
-                _client_loop(http, job_id, create_body, args, deadline, gets, posts, created)
+                _client_loop(
+                    http, job_id, create_body, args, deadline, measure_from, gets, posts, warmup, created
+                )
                 for _ in range(args.clients)
             ),
         )
-    return gets, posts, lags, created
+    return gets, posts, lags, warmup, created
 
 
 # ---------------------------------------------------------------------------------------------- main
@@ -233,6 +240,13 @@ def main() -> int:
         "--post-fraction", type=float, default=0.1, help="Share of requests that create a job."
     )
     parser.add_argument("--seconds", type=float, default=30.0, help="Length of each phase.")
+    parser.add_argument(
+        "--warmup",
+        type=float,
+        default=5.0,
+        help="Seconds of polling before the measured window (reported separately; training throughput "
+        "of the polling phase includes them).",
+    )
     parser.add_argument("--api-workers", type=int, default=1)
     parser.add_argument(
         "--trainer-threads",
@@ -311,11 +325,12 @@ def main() -> int:
         print(f"phase 1/3: quiet, {args.seconds:g} s", flush=True)
         quiet_before, _ = measure(client, job_id, pids, lambda: time.sleep(args.seconds))
         print(
-            f"phase 2/3: {args.clients} clients polling every {args.interval:g} s, {args.seconds:g} s",
+            f"phase 2/3: {args.clients} clients polling every {args.interval:g} s, "
+            f"{args.warmup:g} s warm-up + {args.seconds:g} s",
             flush=True,
         )
         create_body = spec(teacher, file_id, args, 1)
-        loaded, (gets, posts, lags, created) = measure(
+        loaded, (gets, posts, lags, warmup, created) = measure(
             client, job_id, pids, lambda: asyncio.run(polling(base_url, key, job_id, create_body, args))
         )
         for created_id in created:
@@ -335,6 +350,8 @@ def main() -> int:
             "requests_per_s": (len(gets.samples) + len(posts.samples)) / args.seconds,
             "get_job": gets.summary(),
             "post_job": posts.summary(),
+            "warmup_s": args.warmup,
+            "warmup_requests": warmup.summary(),
             "load_generator_loop_lag": lags.summary(),
             "training_quiet_before": quiet_before,
             "training_quiet_after": quiet_after,
@@ -379,6 +396,11 @@ def print_report(r: dict[str, Any]) -> None:
     )
     print(latency("GET  /v1/jobs/{id}", get))
     print(latency("POST /v1/jobs     ", post))
+    print(
+        latency(
+            f"first {r['warmup_s']:g} s (warm-up, GET+POST, not in the figures above)", r["warmup_requests"]
+        )
+    )
     lag = r["load_generator_loop_lag"]
     print(
         f"load generator's own event-loop lag: p50 {lag['p50_ms']:.1f} ms  p99 {lag['p99_ms']:.1f} ms  max {lag['max_ms']:.1f} ms"
