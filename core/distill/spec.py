@@ -206,7 +206,9 @@ class JobSpec(_Spec):
             candidate = base / value
             return str(candidate.resolve()) if candidate.exists() else value
 
-        data = self.data.model_copy(update={"train": resolve(self.data.train), "eval": resolve(self.data.eval)})
+        data = self.data.model_copy(
+            update={"train": resolve(self.data.train), "eval": resolve(self.data.eval)}
+        )
         teacher = self.teacher.model_copy(update={"model": resolve(self.teacher.model)})
         student = self.student.model_copy(update={"model": resolve(self.student.model)})
         return self.model_copy(update={"data": data, "teacher": teacher, "student": student})
