@@ -73,7 +73,8 @@ def _warm_database_pool(settings: Settings, connections: int = 10) -> None:
     engine = get_engine(settings.database_url)
     opened = []
     try:
-        for _ in range(min(connections, engine.pool.size()) if hasattr(engine.pool, "size") else 1):
+        pool_size = getattr(engine.pool, "size", lambda: 1)()  # SingletonThreadPool etc. have no size
+        for _ in range(min(connections, pool_size)):
             opened.append(engine.connect())
     except SQLAlchemyError:
         logger.warning("database not reachable at start-up; connections will be opened on demand")

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import functools
 import sqlite3
-from functools import lru_cache
 
 from celery import Celery
 
@@ -49,17 +48,20 @@ def _sqlite_broker_connection(path: str) -> sqlite3.Connection:
     return connection
 
 
-@lru_cache(maxsize=4)
-def _client(settings_json: str) -> Celery:
-    settings = Settings.model_validate_json(settings_json)
-    app = Celery("distill-client")
-    app.conf.update(celery_config(settings))
-    return app
+# The client's configuration depends on the broker URL and the queue only; one app per pair is kept so that
+# each enqueue reuses its broker connection pool.
+_clients: dict[tuple[str, str], Celery] = {}
 
 
 def celery_client(settings: Settings) -> Celery:
     """A Celery app used only to send tasks by name (no task modules imported)."""
-    return _client(settings.model_dump_json())
+    key = (settings.broker_url, settings.task_queue)
+    app = _clients.get(key)
+    if app is None:  # a race builds two equal apps and keeps one: harmless
+        app = Celery("distill-client")
+        app.conf.update(celery_config(settings))
+        app = _clients.setdefault(key, app)
+    return app
 
 
 def enqueue_job(settings: Settings, job_id: str) -> None:

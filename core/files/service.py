@@ -129,11 +129,6 @@ def file_path(*, settings: Settings, file: File) -> Path:
     return Storage(settings.artifacts).resolve(file.storage_path)
 
 
-def resolve_file_id(*, session: Session, settings: Settings, tenant_id: str, file_id: str) -> Path:
-    """The absolute path of the tenant's file `file_id` (raises NotFound)."""
-    return file_path(settings=settings, file=get_file(session=session, tenant_id=tenant_id, file_id=file_id))
-
-
 def delete_file(*, session: Session, settings: Settings, tenant_id: str, file_id: str) -> None:
     """Delete a file and its row; refused (409) while an active job uses it."""
     row = get_file(session=session, tenant_id=tenant_id, file_id=file_id)

@@ -31,14 +31,17 @@ from typing import Any, Literal
 
 from pydantic import ValidationError
 from sqlalchemy import func, select, update
+from sqlalchemy.orm import Session
 
 from core.config import Settings
 from core.db import session_scope, utcnow
 from core.distill.model_checks import ModelReferenceError, check_model_reference
 from core.distill.spec import JobSpec
+from core.errors import NotFound
+from core.files import service as files_service
 from core.jobs import process as process_control
 from core.jobs.lifecycle import add_event, transition
-from core.jobs.models import File, Job
+from core.jobs.models import Job
 from core.jobs.states import JobStatus, sources_of
 from core.storage import Storage
 
@@ -124,7 +127,6 @@ def _claim(job_id: str, settings: Settings, worker_id: str) -> _Attempt | None:
 
 def _prepare(attempt: _Attempt, settings: Settings) -> Path:
     """Resolve the spec's file ids to storage paths, re-check models, clear the last attempt's files."""
-    storage = Storage(settings.artifacts)
     with session_scope(settings.database_url) as session:
         job = session.get(Job, attempt.job_id)
         assert job is not None
@@ -132,9 +134,9 @@ def _prepare(attempt: _Attempt, settings: Settings) -> Path:
             spec = JobSpec.model_validate(job.spec)
         except ValidationError as exc:  # stored by a version with another JobSpec
             raise JobSetupError("invalid_spec", f"the stored job spec is no longer valid: {exc}") from exc
-        data = {"train": _file_path(session, storage, job.tenant_id, spec.data.train, "data.train")}
+        data = {"train": _file_path(session, settings, job.tenant_id, spec.data.train, "data.train")}
         if spec.data.eval is not None:
-            data["eval"] = _file_path(session, storage, job.tenant_id, spec.data.eval, "data.eval")
+            data["eval"] = _file_path(session, settings, job.tenant_id, spec.data.eval, "data.eval")
     spec = spec.model_copy(update={"data": spec.data.model_copy(update=data)})
     # The API checked the models when the job was created; this worker may see other MODEL_ROOTS.
     models = [("teacher.model", spec.teacher.model, spec.teacher.gguf_file)]
@@ -157,13 +159,12 @@ def _prepare(attempt: _Attempt, settings: Settings) -> Path:
     return spec_path
 
 
-def _file_path(session: Any, storage: Storage, tenant_id: str, file_id: str, field: str) -> str:
-    file = session.execute(
-        select(File).where(File.id == file_id, File.tenant_id == tenant_id)
-    ).scalar_one_or_none()
-    if file is None:
-        raise JobSetupError("invalid_data", f"{field}: file {file_id!r} no longer exists")
-    path = storage.resolve(file.storage_path)
+def _file_path(session: Session, settings: Settings, tenant_id: str, file_id: str, field: str) -> str:
+    try:
+        file = files_service.get_file(session=session, tenant_id=tenant_id, file_id=file_id)
+    except NotFound as exc:
+        raise JobSetupError("invalid_data", f"{field}: file {file_id!r} no longer exists") from exc
+    path = files_service.file_path(settings=settings, file=file)
     if not path.is_file():
         raise JobSetupError("invalid_data", f"{field}: the stored content of file {file_id!r} is missing")
     return str(path)
