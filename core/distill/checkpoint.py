@@ -55,6 +55,14 @@ def latest_checkpoint(output_dir: Path) -> Path | None:
     return found[-1][1] if found else None
 
 
+def checkpoint_step(checkpoint: Path) -> int:
+    """The optimizer step a checkpoint directory (`step-XXXXXXXX`) was written at."""
+    match = _STEP_DIR.match(Path(checkpoint).name)
+    if match is None:
+        raise ValueError(f"not a checkpoint directory: {checkpoint}")
+    return int(match.group(1))
+
+
 def rng_state() -> dict[str, Any]:
     """RNG states of python, numpy and torch (CPU and every CUDA device)."""
     state: dict[str, Any] = {

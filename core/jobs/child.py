@@ -296,6 +296,7 @@ def main(argv: list[str] | None = None) -> int:
         checkpoint_every=spec.training.checkpoint_every,
     )
     try:
+        from core.distill.checkpoint import checkpoint_step
         from core.distill.trainer import latest_checkpoint, train
 
         if settings.trainer_threads:
@@ -306,7 +307,7 @@ def main(argv: list[str] | None = None) -> int:
             torch.set_num_threads(settings.trainer_threads)
         resume_from = latest_checkpoint(output_dir)
         if resume_from is not None:
-            callbacks.on_resume(int(resume_from.name.removeprefix("step-")), resume_from)
+            callbacks.on_resume(checkpoint_step(resume_from), resume_from)
         result = train(
             spec, output_dir=output_dir, callbacks=callbacks, resume_from=resume_from, device=args.device
         )

@@ -8,7 +8,13 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
-from core.distill.checkpoint import TRAINER_STATE, latest_checkpoint, list_checkpoints
+from core.distill.checkpoint import (
+    TRAINER_STATE,
+    checkpoint_path,
+    checkpoint_step,
+    latest_checkpoint,
+    list_checkpoints,
+)
 from core.distill.spec import JobSpec
 from core.distill.trainer import train
 from tests.distill._trainer_utils import Recorder, tiny_spec, write_subset
@@ -118,3 +124,9 @@ def test_should_stop_writes_a_checkpoint_and_returns(tmp_path, tiny_teacher_dir,
     done = train(spec, output_dir=tmp_path, callbacks=rest, resume_from=result.checkpoint, device="cpu")
     assert sorted(rest.steps) == list(range(3, 11)) and not done.stopped
     assert (tmp_path / "student" / "model.safetensors").is_file()
+
+
+def test_checkpoint_step_is_read_from_the_directory_name(tmp_path):
+    assert checkpoint_step(checkpoint_path(tmp_path, 42)) == 42
+    with pytest.raises(ValueError, match="not a checkpoint directory"):
+        checkpoint_step(tmp_path / "student")
