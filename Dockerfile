@@ -22,6 +22,7 @@ COPY pyproject.toml README.md ./
 COPY core ./core
 COPY api ./api
 COPY worker ./worker
+COPY cli ./cli
 COPY migrations ./migrations
 RUN pip install .
 

@@ -9,11 +9,11 @@ from fastapi import Depends, Request
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from sqlalchemy.orm import Session
 
-from core.auth import authenticate
 from core.config import Settings
 from core.db import get_sessionmaker
 from core.errors import ServiceError
-from core.jobs.models import Tenant
+from core.tenants.keys import authenticate
+from core.tenants.models import Tenant
 
 _bearer = HTTPBearer(auto_error=False, description="An API key: `Authorization: Bearer dk_...`")
 

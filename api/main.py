@@ -16,9 +16,9 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from api.errors import UploadTooLarge, error_response, install_error_handlers
 from api.routers import files, health, jobs, outputs
-from core.auth import ensure_bootstrap_key
 from core.config import Settings, get_settings
 from core.db import get_engine, get_sessionmaker
+from core.tenants.keys import ensure_bootstrap_key
 
 logger = logging.getLogger(__name__)
 

@@ -9,7 +9,8 @@ from typing import Any, Generic, TypeVar
 from pydantic import BaseModel, Field
 
 from core.db import utcnow
-from core.jobs.models import Checkpoint, File, Job, JobEvent
+from core.files.models import File
+from core.jobs.models import Checkpoint, Job, JobEvent
 from core.jobs.states import JobStatus
 
 T = TypeVar("T")

@@ -26,7 +26,6 @@ import os
 import random
 import shutil
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -40,9 +39,10 @@ import httpx
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
+from cli.processes import ServiceProcess, stop_all, wait_until_healthy  # noqa: E402
+from cli.service import api_command, prepare_local_dirs, service_env, worker_command  # noqa: E402
 from core.config import Settings  # noqa: E402
-from core.jobs.cli import api_command, prepare_local_dirs, service_env, worker_command  # noqa: E402
-from core.migrate import upgrade_database  # noqa: E402
+from migrations.runner import upgrade_database  # noqa: E402
 
 POSTGRES_ADMIN_URL = os.environ.get(
     "DISTILL_TEST_POSTGRES_URL", "postgresql+psycopg://postgres@127.0.0.1:5432/postgres"
@@ -266,7 +266,7 @@ def main() -> int:
 
     home = Path(tempfile.mkdtemp(prefix="distill-bench-"))
     drop_database = None
-    processes: list[subprocess.Popen[bytes]] = []
+    processes: list[ServiceProcess] = []
     try:
         teacher = make_models(home / "models", args.hidden, args.layers)
         key = f"dk_bench_{uuid.uuid4().hex}"
@@ -293,23 +293,13 @@ def main() -> int:
             ("api", api_command("127.0.0.1", port, args.api_workers)),
             ("worker", worker_command(settings)),
         ):
-            with open(logs / f"{name}.log", "wb") as log:
-                processes.append(
-                    subprocess.Popen(command, env=env, cwd=REPO, stdout=log, stderr=subprocess.STDOUT)
-                )
+            processes.append(ServiceProcess(name, command, env=env, log_path=logs / f"{name}.log", cwd=REPO))
 
         base_url = f"http://127.0.0.1:{port}"
         client = httpx.Client(base_url=base_url, headers={"Authorization": f"Bearer {key}"}, timeout=30)
-        deadline = time.monotonic() + 120
-        while True:
-            try:
-                if client.get("/healthz").status_code == 200:
-                    break
-            except httpx.TransportError:
-                pass
-            if time.monotonic() > deadline or any(p.poll() is not None for p in processes):
-                raise SystemExit(f"the service did not start; see {logs}")
-            time.sleep(0.25)
+        problem = wait_until_healthy(f"{base_url}/healthz", processes)
+        if problem is not None:
+            raise SystemExit(f"the service did not start ({problem}); see {logs}")
 
         with (REPO / "data" / "dolly" / "train.jsonl").open("rb") as handle:
             file_id = client.post("/v1/files", files={"file": ("dolly.jsonl", handle)}).json()["id"]
@@ -364,13 +354,7 @@ def main() -> int:
             args.json.write_text(json.dumps(report, indent=2))
         return 0
     finally:
-        for process in processes:
-            process.terminate()
-        for process in processes:
-            try:
-                process.wait(timeout=15)
-            except subprocess.TimeoutExpired:
-                process.kill()
+        stop_all(processes, grace_s=15)
         if drop_database is not None:
             drop_database()
         if args.keep:

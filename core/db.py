@@ -3,12 +3,13 @@ the API, the worker and the reaper can share the embedded database file."""
 
 from __future__ import annotations
 
+import secrets
 from collections.abc import Iterator
 from contextlib import contextmanager
 from datetime import datetime, timezone
 from functools import lru_cache
 
-from sqlalchemy import DateTime, Engine, MetaData, create_engine, event
+from sqlalchemy import BigInteger, DateTime, Engine, Integer, MetaData, create_engine, event
 from sqlalchemy.orm import DeclarativeBase, Session, sessionmaker
 from sqlalchemy.types import TypeDecorator
 
@@ -23,6 +24,15 @@ NAMING_CONVENTION = {
 
 class Base(DeclarativeBase):
     metadata = MetaData(naming_convention=NAMING_CONVENTION)
+
+
+# Integer primary keys for append-only tables: SQLite autoincrements only INTEGER, PostgreSQL BIGINT.
+BigIntPK = BigInteger().with_variant(Integer(), "sqlite")
+
+
+def new_id(prefix: str) -> str:
+    """Opaque, unguessable ids like `job_3f9c...`; a tenant cannot enumerate another's objects."""
+    return f"{prefix}_{secrets.token_hex(12)}"
 
 
 class UTCDateTime(TypeDecorator[datetime]):

@@ -1,1 +1,1 @@
-"""Alembic migrations; `core.migrate` runs them with this package as the script location."""
+"""Alembic migrations; `migrations.runner` runs them with this package as the script location."""

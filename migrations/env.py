@@ -1,4 +1,4 @@
-"""Alembic environment: the URL comes from the caller (`config.attributes["url"]`, set by core.migrate)
+"""Alembic environment: the URL comes from the caller (`config.attributes["url"]`, set by migrations.runner)
 or else from the Settings, never from alembic.ini. SQLite gets batch mode, since it cannot ALTER columns."""
 
 from __future__ import annotations
@@ -8,7 +8,10 @@ import logging.config
 from alembic import context
 from sqlalchemy import Connection
 
-import core.jobs.models  # noqa: F401  (registers every table on Base.metadata)
+# Every domain's tables, registered on Base.metadata.
+import core.files.models  # noqa: F401
+import core.jobs.models  # noqa: F401
+import core.tenants.models  # noqa: F401
 from core.config import get_settings
 from core.db import Base, get_engine
 

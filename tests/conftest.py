@@ -11,6 +11,9 @@ from core.distill.tiny import make_tiny_pair, make_tiny_tokenizer
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 
+# Database and live-server fixtures (SQLite and PostgreSQL, a real uvicorn server) for the API tests.
+pytest_plugins = ["tests.support.live_api"]
+
 
 def service_unavailable(reason: str) -> None:
     """Skip a test whose server (PostgreSQL, Redis) is down; fail instead where services are required.

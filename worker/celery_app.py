@@ -9,8 +9,8 @@ from celery import Celery
 from celery.signals import worker_process_init
 
 from core.config import get_settings
-from core.jobs.process import set_parent_death_signal
 from core.queue import celery_config
+from worker.process import set_parent_death_signal
 
 app = Celery("distill")
 app.conf.update(celery_config(get_settings()))

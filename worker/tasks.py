@@ -7,9 +7,9 @@ import logging
 import os
 
 from core.config import get_settings
-from core.jobs.runner import run_job as supervise_job
 from core.queue import RUN_JOB_TASK
 from worker.celery_app import app
+from worker.supervisor import run_job as supervise_job
 
 log = logging.getLogger(__name__)
 

@@ -9,6 +9,7 @@ from fastapi import APIRouter, Form, Query, UploadFile, status
 from api.deps import SessionDep, SettingsDep, TenantDep
 from api.schemas import FileDeleted, FileOut, Page
 from core.files import service
+from core.jobs import service as jobs_service
 
 router = APIRouter(prefix="/v1/files", tags=["files"])
 
@@ -58,5 +59,5 @@ def get_file(session: SessionDep, tenant: TenantDep, file_id: str) -> FileOut:
 @router.delete("/{file_id}")
 def delete_file(session: SessionDep, settings: SettingsDep, tenant: TenantDep, file_id: str) -> FileDeleted:
     """Delete a file; refused while an active job uses it."""
-    service.delete_file(session=session, settings=settings, tenant_id=tenant.id, file_id=file_id)
+    jobs_service.delete_unused_file(session=session, settings=settings, tenant_id=tenant.id, file_id=file_id)
     return FileDeleted(id=file_id)

@@ -14,7 +14,7 @@ from api.errors import error_body
 from api.schemas import CheckResult, ErrorResponse
 from core.config import Settings
 from core.db import get_engine
-from core.migrate import current_revision, head_revision
+from migrations.runner import current_revision, head_revision
 
 router = APIRouter(tags=["health"])
 

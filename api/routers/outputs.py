@@ -10,9 +10,9 @@ from fastapi.responses import FileResponse, StreamingResponse
 from api.deps import SessionDep, SettingsDep, TenantDep
 from api.schemas import CheckpointOut, ErrorResponse, EventOut, MetricPoint, MetricsOut, Page, json_safe
 from api.sse import job_event_stream
+from core.archive import Archive, directory_archive
 from core.errors import Conflict, InvalidRequest, NotFound
 from core.jobs import service
-from core.jobs.archive import Archive, directory_archive
 from core.jobs.states import JobStatus
 from core.storage import Storage
 

@@ -1,4 +1,4 @@
-"""Training checkpoints: `output_dir/checkpoints/step-{step:08d}/`.
+"""Training checkpoints: `output_dir/checkpoints/step-XXXXXXXX/` (see `core.distill.layout`).
 
 Each one is a Hugging Face directory of the student (config, safetensors, tokenizer, generation config),
 plus `trainer_state.pt` (optimizer, scheduler, step, RNG states, data position, strategy and TAID state)
@@ -11,7 +11,6 @@ from __future__ import annotations
 import json
 import os
 import random
-import re
 import shutil
 from pathlib import Path
 from typing import Any
@@ -20,20 +19,12 @@ import numpy as np
 import torch
 from torch import nn
 
+from core.distill.layout import checkpoint_path, checkpoints_dir, parse_checkpoint_name
 from core.distill.models import save_student
 from core.distill.spec import JobSpec
 
 TRAINER_STATE = "trainer_state.pt"
 SPEC_FILE = "spec.json"
-_STEP_DIR = re.compile(r"^step-(\d{8})$")
-
-
-def checkpoints_dir(output_dir: Path) -> Path:
-    return Path(output_dir) / "checkpoints"
-
-
-def checkpoint_path(output_dir: Path, step: int) -> Path:
-    return checkpoints_dir(output_dir) / f"step-{step:08d}"
 
 
 def list_checkpoints(output_dir: Path) -> list[tuple[int, Path]]:
@@ -43,9 +34,9 @@ def list_checkpoints(output_dir: Path) -> list[tuple[int, Path]]:
         return []
     found = []
     for child in root.iterdir():
-        match = _STEP_DIR.match(child.name)
-        if match and (child / TRAINER_STATE).is_file():
-            found.append((int(match.group(1)), child))
+        step = parse_checkpoint_name(child.name)
+        if step is not None and (child / TRAINER_STATE).is_file():
+            found.append((step, child))
     return sorted(found)
 
 
@@ -53,14 +44,6 @@ def latest_checkpoint(output_dir: Path) -> Path | None:
     """The newest complete checkpoint under `output_dir/checkpoints`, or None."""
     found = list_checkpoints(output_dir)
     return found[-1][1] if found else None
-
-
-def checkpoint_step(checkpoint: Path) -> int:
-    """The optimizer step a checkpoint directory (`step-XXXXXXXX`) was written at."""
-    match = _STEP_DIR.match(Path(checkpoint).name)
-    if match is None:
-        raise ValueError(f"not a checkpoint directory: {checkpoint}")
-    return int(match.group(1))
 
 
 def rng_state() -> dict[str, Any]:

@@ -22,6 +22,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from core.distill import layout
 from core.distill.callbacks import TrainerCallbacks
 from core.distill.checkpoint import (
     latest_checkpoint,
@@ -96,14 +97,6 @@ class _Run:
 
 
 # ---------------------------------------------------------------------------------------------- setup
-def validate_spec_for_training(spec: JobSpec) -> None:
-    """Refuse combinations the trainer cannot run, before anything is loaded."""
-    if spec.strategy.name == "adaptive" and (spec.data.eval is None or spec.training.eval_every == 0):
-        raise TrainingError(
-            "strategy 'adaptive' raises θ from validation losses: it needs data.eval and training.eval_every > 0"
-        )
-
-
 def _pick_device(device: str | None) -> torch.device:
     if device is not None:
         return torch.device(device)
@@ -156,7 +149,6 @@ def _setup(
     resume_from: Path | None,
     device: torch.device,
 ) -> _Run:
-    validate_spec_for_training(spec)
     _seed_everything(spec.training.seed)
     event = callbacks.on_event
 
@@ -440,14 +432,14 @@ def train(
         if t.checkpoint_every > 0 and run.step % t.checkpoint_every == 0:
             last_checkpoint = _checkpoint(run)
         if run.step < t.max_steps and callbacks.should_stop():
-            if last_checkpoint is None or not last_checkpoint.name.endswith(f"{run.step:08d}"):
+            if last_checkpoint is None or layout.checkpoint_step(last_checkpoint) != run.step:
                 last_checkpoint = _checkpoint(run)
             callbacks.on_event("stopped", f"stopped at step {run.step}")
             return TrainResult(
                 run.step, dict(run.last_metrics), None, stopped=True, checkpoint=last_checkpoint
             )
 
-    student_dir = save_student(run.student, run.tokenizer, output_dir / "student")
+    student_dir = save_student(run.student, run.tokenizer, layout.student_dir(output_dir))
     callbacks.on_event("done", f"saved the student to {student_dir}")
     return TrainResult(
         run.step, dict(run.last_metrics), student_dir, stopped=False, checkpoint=last_checkpoint

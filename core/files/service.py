@@ -13,10 +13,10 @@ from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from core.config import Settings
+from core.db import new_id
 from core.distill.data_formats import inspect_jsonl
-from core.errors import Conflict, InvalidRequest, NotFound, PayloadTooLarge
-from core.jobs.models import File, Job, new_id
-from core.jobs.states import ACTIVE_STATES
+from core.errors import InvalidRequest, NotFound, PayloadTooLarge
+from core.files.models import File
 from core.pagination import newest_first_page
 from core.storage import Storage
 
@@ -130,15 +130,8 @@ def file_path(*, settings: Settings, file: File) -> Path:
 
 
 def delete_file(*, session: Session, settings: Settings, tenant_id: str, file_id: str) -> None:
-    """Delete a file and its row; refused (409) while an active job uses it."""
+    """Delete a file and its row (callers check first that no active job reads it)."""
     row = get_file(session=session, tenant_id=tenant_id, file_id=file_id)
-    active_specs = session.scalars(
-        select(Job.spec).where(Job.tenant_id == tenant_id, Job.status.in_(ACTIVE_STATES))
-    )
-    for spec in active_specs:
-        data = spec.get("data", {})
-        if file_id in (data.get("train"), data.get("eval")):
-            raise Conflict("file_in_use", f"file {file_id!r} is used by an active job", param="file_id")
     path = file_path(settings=settings, file=row)
     session.delete(row)
     session.commit()

@@ -1,9 +1,8 @@
-"""Persistence for the service: tenants and their API keys, uploaded files, jobs, and what jobs produce
-(events, metrics, checkpoints). SQLAlchemy 2.0 declarative models; Alembic owns the schema."""
+"""Jobs and what they produce (events, metrics, checkpoints). SQLAlchemy 2.0 declarative models; Alembic
+owns the schema."""
 
 from __future__ import annotations
 
-import secrets
 from datetime import datetime
 from typing import Any
 
@@ -19,57 +18,11 @@ from sqlalchemy import (
     Text,
     UniqueConstraint,
 )
-from sqlalchemy.orm import Mapped, mapped_column, relationship
+from sqlalchemy.orm import Mapped, mapped_column
 
-from core.db import Base, UTCDateTime, utcnow
+import core.tenants.models  # noqa: F401  (the `tenants` table the foreign key names)
+from core.db import Base, BigIntPK, UTCDateTime, new_id, utcnow
 from core.jobs.states import JobStatus
-
-# Integer primary keys for append-only tables: SQLite autoincrements only INTEGER, PostgreSQL BIGINT.
-BigIntPK = BigInteger().with_variant(Integer(), "sqlite")
-
-
-def new_id(prefix: str) -> str:
-    """Opaque, unguessable ids like `job_3f9c...`; a tenant cannot enumerate another's objects."""
-    return f"{prefix}_{secrets.token_hex(12)}"
-
-
-class Tenant(Base):
-    __tablename__ = "tenants"
-
-    id: Mapped[str] = mapped_column(String(40), primary_key=True, default=lambda: new_id("ten"))
-    name: Mapped[str] = mapped_column(String(200), unique=True)
-    created_at: Mapped[datetime] = mapped_column(UTCDateTime(), default=utcnow)
-
-
-class ApiKey(Base):
-    __tablename__ = "api_keys"
-
-    id: Mapped[str] = mapped_column(String(40), primary_key=True, default=lambda: new_id("key"))
-    tenant_id: Mapped[str] = mapped_column(ForeignKey("tenants.id", ondelete="CASCADE"), index=True)
-    # SHA-256 of the whole key; the plaintext is shown once and never stored.
-    key_hash: Mapped[str] = mapped_column(String(64), unique=True)
-    prefix: Mapped[str] = mapped_column(String(16))
-    name: Mapped[str | None] = mapped_column(String(200))
-    created_at: Mapped[datetime] = mapped_column(UTCDateTime(), default=utcnow)
-    last_used_at: Mapped[datetime | None] = mapped_column(UTCDateTime())
-    revoked_at: Mapped[datetime | None] = mapped_column(UTCDateTime())
-
-    tenant: Mapped[Tenant] = relationship()
-
-
-class File(Base):
-    __tablename__ = "files"
-
-    id: Mapped[str] = mapped_column(String(40), primary_key=True, default=lambda: new_id("file"))
-    tenant_id: Mapped[str] = mapped_column(ForeignKey("tenants.id", ondelete="CASCADE"), index=True)
-    filename: Mapped[str] = mapped_column(String(255))
-    purpose: Mapped[str] = mapped_column(String(32), default="train")
-    size_bytes: Mapped[int] = mapped_column(BigInteger)
-    sha256: Mapped[str] = mapped_column(String(64))
-    records: Mapped[int] = mapped_column(Integer)
-    format: Mapped[str | None] = mapped_column(String(32))
-    storage_path: Mapped[str] = mapped_column(String(1024))
-    created_at: Mapped[datetime] = mapped_column(UTCDateTime(), default=utcnow)
 
 
 class Job(Base):

@@ -9,7 +9,6 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from pydantic import ValidationError
 from sqlalchemy import select
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
@@ -18,11 +17,12 @@ from core.config import Settings
 from core.db import utcnow
 from core.distill.model_checks import ModelReferenceError, check_model_reference
 from core.distill.spec import JobSpec
-from core.errors import Conflict, InvalidRequest, NotFound, ServiceError, Unavailable, param_from_message
+from core.errors import Conflict, InvalidRequest, NotFound, ServiceError, Unavailable
+from core.files import service as files_service
 from core.files.service import get_file
 from core.jobs.lifecycle import add_event, transition
 from core.jobs.models import Checkpoint, Job, JobEvent, Metric
-from core.jobs.states import JobStatus
+from core.jobs.states import TERMINAL_STATES, JobStatus
 from core.pagination import newest_first_page
 from core.queue import enqueue_job
 
@@ -30,23 +30,6 @@ logger = logging.getLogger(__name__)
 
 # A file detected as `instruction` also trains a `chat` job (each record becomes one user turn).
 _COMPATIBLE_FORMATS = {"instruction": {"instruction"}, "chat": {"chat", "instruction"}, "text": {"text"}}
-
-
-def _validation_param(error: ValidationError) -> tuple[str | None, str]:
-    first = error.errors()[0]
-    param = ".".join(str(part) for part in first["loc"]) or param_from_message(first["msg"])
-    return param, f"{param}: {first['msg']}" if param else first["msg"]
-
-
-def parse_spec(raw: JobSpec | dict[str, Any]) -> JobSpec:
-    """A JobSpec from a mapping; a bad field raises InvalidRequest naming it (e.g. `loss.lam`)."""
-    if isinstance(raw, JobSpec):
-        return raw
-    try:
-        return JobSpec.model_validate(raw)
-    except ValidationError as exc:
-        param, message = _validation_param(exc)
-        raise InvalidRequest("invalid_spec", message, param=param) from exc
 
 
 def _under_roots(model: str, roots: Sequence[Path]) -> str:
@@ -113,9 +96,6 @@ def validate_spec(*, session: Session, settings: Settings, tenant_id: str, spec:
                 f"file {file_id!r} holds {row.format} records; data.format is {spec.data.format!r}",
                 param=f"data.{field}",
             )
-    if spec.strategy.name == "adaptive" and spec.data.eval is None:
-        raise InvalidRequest("invalid_spec", "the adaptive strategy needs data.eval", param="data.eval")
-
     teacher = spec.teacher.model_copy(
         update={"model": _under_roots(spec.teacher.model, settings.model_roots)}
     )
@@ -150,11 +130,11 @@ def create_job(
     session: Session,
     settings: Settings,
     tenant_id: str,
-    spec: JobSpec | dict[str, Any],
+    spec: JobSpec,
     idempotency_key: str | None = None,
 ) -> tuple[Job, bool]:
-    """Validate, store and enqueue a job; returns (job, created). A repeated Idempotency-Key returns the first."""
-    parsed = resolve_model_names(parse_spec(spec), settings)
+    """Check, store and enqueue a job; returns (job, created). A repeated Idempotency-Key returns the first."""
+    parsed = resolve_model_names(spec, settings)
     requested = parsed.model_dump(mode="json")
     if idempotency_key is not None:
         existing = _existing_for_key(session, tenant_id, idempotency_key, requested)
@@ -308,3 +288,16 @@ def get_checkpoint(*, session: Session, job_id: str, step: int) -> Checkpoint:
             "checkpoint_not_found", f"job {job_id!r} has no checkpoint at step {step}", param="step"
         )
     return row
+
+
+def delete_unused_file(*, session: Session, settings: Settings, tenant_id: str, file_id: str) -> None:
+    """Delete one of the tenant's uploaded files; refused (409) while a job that has not ended reads it."""
+    get_file(session=session, tenant_id=tenant_id, file_id=file_id)
+    active_specs = session.scalars(
+        select(Job.spec).where(Job.tenant_id == tenant_id, Job.status.not_in(TERMINAL_STATES))
+    )
+    for spec in active_specs:
+        data = spec.get("data", {})
+        if file_id in (data.get("train"), data.get("eval")):
+            raise Conflict("file_in_use", f"file {file_id!r} is used by an active job", param="file_id")
+    files_service.delete_file(session=session, settings=settings, tenant_id=tenant_id, file_id=file_id)

@@ -20,7 +20,8 @@ class JobStatus(str, enum.Enum):
 
 
 TERMINAL_STATES = frozenset({JobStatus.SUCCEEDED, JobStatus.FAILED, JobStatus.CANCELLED})
-ACTIVE_STATES = frozenset({JobStatus.QUEUED, JobStatus.RUNNING, JobStatus.CANCELLING})
+# A worker holds the job: its trainer runs (or is being stopped), it sends heartbeats and writes progress.
+ACTIVE_STATES = frozenset({JobStatus.RUNNING, JobStatus.CANCELLING})
 
 ALLOWED_TRANSITIONS: dict[JobStatus, frozenset[JobStatus]] = {
     JobStatus.QUEUED: frozenset({JobStatus.RUNNING, JobStatus.CANCELLED, JobStatus.FAILED}),

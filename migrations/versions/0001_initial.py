@@ -4,7 +4,7 @@ Revision ID: 0001
 Revises:
 Create Date: 2025-01-01 00:00:00
 
-Written to match core/jobs/models.py exactly (tests/service/test_migrations.py compares them) and to run
+Written to match the models (core/tenants, core/files, core/jobs) exactly (tests/test_migrations.py compares them) and to run
 unchanged on SQLite and PostgreSQL: no native enums, timezone-aware timestamps, and BIGINT identities
 that fall back to INTEGER on SQLite (the only type SQLite autoincrements).
 """

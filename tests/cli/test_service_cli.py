@@ -1,0 +1,82 @@
+"""The service's command line: `distill db upgrade`, `distill keys create`, the development key of
+`distill serve`, and the commands that start the API and the worker by module name."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from cli import service as service_cli
+from cli.main import main
+from core.config import Settings, get_settings
+from core.db import get_sessionmaker
+from core.tenants.keys import authenticate
+from migrations.runner import current_revision, head_revision
+
+
+@pytest.fixture
+def home(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Path]:
+    for name in (
+        "DISTILL_DATABASE_URL",
+        "DISTILL_BROKER_URL",
+        "DISTILL_STORAGE_DIR",
+        "DISTILL_BOOTSTRAP_API_KEY",
+    ):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("DISTILL_HOME", str(tmp_path / "home"))
+    get_settings.cache_clear()
+    yield tmp_path / "home"
+    get_settings.cache_clear()
+
+
+def test_db_upgrade_creates_the_embedded_database_and_is_idempotent(
+    home: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    assert main(["db", "upgrade"]) == 0
+    url = get_settings().database_url
+    assert (home / "distill.db").is_file() and current_revision(url) == head_revision()
+    assert main(["db", "upgrade"]) == 0
+    assert f"revision {head_revision()}" in capsys.readouterr().out
+
+
+def test_keys_create_prints_a_working_key_alone_on_the_last_line(
+    home: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    assert main(["db", "upgrade"]) == 0
+    capsys.readouterr()
+    assert main(["keys", "create", "--tenant", "acme", "--name", "ci"]) == 0
+    key = capsys.readouterr().out.rstrip("\n").splitlines()[-1]
+    assert key.startswith("dk_") and " " not in key
+    with get_sessionmaker(get_settings().database_url)() as session:
+        tenant = authenticate(session, key)
+        assert tenant is not None and tenant.name == "acme"
+
+
+def test_the_development_key_is_kept_across_restarts(tmp_path: Path) -> None:
+    settings = Settings(home=tmp_path, database_url="sqlite://", broker_url="memory://")
+    first = service_cli.development_key(settings)
+    assert first.startswith("dk_") and service_cli.development_key(settings) == first
+    assert (tmp_path / service_cli.DEV_KEY_FILE).stat().st_mode & 0o077 == 0  # readable by its owner only
+    configured = Settings(
+        home=tmp_path, database_url="sqlite://", bootstrap_api_key="dk_configured_0123456789"
+    )
+    assert service_cli.development_key(configured) == "dk_configured_0123456789"
+
+
+def test_service_processes_are_started_by_module_name(tmp_path: Path) -> None:
+    settings = Settings(home=tmp_path, task_queue="q1")
+    api = service_cli.api_command("0.0.0.0", 9000, workers=2)
+    assert api[1:] == ["-m", "uvicorn", "api.main:create_app", "--factory", "--host", "0.0.0.0", "--port", "9000", "--workers", "2"]  # fmt: skip
+    worker = service_cli.worker_command(settings)
+    assert worker[1:6] == ["-m", "celery", "-A", "worker.celery_app", "worker"]
+    assert worker[worker.index("--pool") + 1] == "solo" and worker[worker.index("--queues") + 1] == "q1"
+    assert service_cli.worker_command(settings, concurrency=2)[worker.index("--pool") + 1] == "prefork"
+    env = service_cli.service_env(settings)
+    assert (
+        env["DISTILL_DATABASE_URL"] == settings.database_url
+        and env["DISTILL_BROKER_URL"] == settings.broker_url
+    )

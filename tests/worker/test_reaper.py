@@ -1,0 +1,120 @@
+"""The stale-job reaper on SQLite and PostgreSQL: re-queue with a message sent after commit, fail after
+max attempts with a clear error, finish cancellations, and leave live jobs alone."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from datetime import timedelta
+from pathlib import Path
+
+import pytest
+from sqlalchemy import select, update
+
+from core.config import Settings
+from core.db import session_scope, utcnow
+from core.jobs.models import Job, JobEvent
+from core.jobs.states import JobStatus
+from tests.support.services import (
+    fresh_postgres_database,
+    make_settings,
+    seed_job,
+    sqlite_database,
+    tiny_spec,
+)
+from worker import reaper
+
+
+@pytest.fixture(params=["sqlite", pytest.param("postgres", marks=pytest.mark.postgres)])
+def settings(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Settings]:
+    if request.param == "sqlite":
+        yield make_settings(tmp_path, database_url=sqlite_database(tmp_path / "db"), stale_after_s=30)
+    else:
+        with fresh_postgres_database() as url:
+            yield make_settings(tmp_path, database_url=url, stale_after_s=30)
+
+
+@pytest.fixture
+def sent(monkeypatch: pytest.MonkeyPatch) -> list[str]:
+    """Job ids the reaper enqueued (the broker itself is exercised by the end-to-end tests)."""
+    calls: list[str] = []
+    monkeypatch.setattr(reaper, "enqueue_job", lambda settings, job_id: calls.append(job_id))
+    return calls
+
+
+def running_job(settings: Settings, *, heartbeat_age_s: float, attempts: int = 1, max_attempts: int = 3,
+                status: JobStatus = JobStatus.RUNNING) -> str:  # fmt: skip
+    job_id = seed_job(settings, tiny_spec(Path("/models/teacher"), "placeholder"), max_attempts=max_attempts)
+    with session_scope(settings.database_url) as session:
+        session.execute(
+            update(Job)
+            .where(Job.id == job_id)
+            .values(
+                status=status,
+                attempts=attempts,
+                worker_id="w1",
+                heartbeat_at=utcnow() - timedelta(seconds=heartbeat_age_s),
+            )
+        )
+    return job_id
+
+
+def load(settings: Settings, job_id: str) -> tuple[Job, list[str]]:
+    with session_scope(settings.database_url) as session:
+        job = session.get(Job, job_id)
+        events = session.scalars(
+            select(JobEvent.message).where(JobEvent.job_id == job_id).order_by(JobEvent.id)
+        )
+        return job, list(events)  # type: ignore[return-value]
+
+
+def test_a_stale_running_job_is_requeued_and_sent_again(settings: Settings, sent: list[str]) -> None:
+    job_id = running_job(settings, heartbeat_age_s=120, attempts=1)
+    counts = reaper.reap_once(settings)
+    assert (counts.requeued, counts.failed, counts.cancelled) == (1, 0, 0)
+    job, events = load(settings, job_id)
+    assert (job.status, job.worker_id, job.heartbeat_at, job.attempts) == (JobStatus.QUEUED, None, None, 1)
+    assert any("lost" in m and "re-queued (attempt 2 of 3)" in m for m in events)
+    assert sent == [job_id]
+    assert reaper.reap_once(settings).total == 0  # nothing twice
+
+
+def test_a_job_whose_worker_is_alive_is_left_alone(settings: Settings, sent: list[str]) -> None:
+    job_id = running_job(settings, heartbeat_age_s=5)
+    assert reaper.reap_once(settings).total == 0
+    assert load(settings, job_id)[0].status is JobStatus.RUNNING
+    assert sent == []
+
+
+def test_after_max_attempts_the_job_fails_with_a_clear_error(settings: Settings, sent: list[str]) -> None:
+    job_id = running_job(settings, heartbeat_age_s=120, attempts=3, max_attempts=3)
+    assert reaper.reap_once(settings).failed == 1
+    job, _ = load(settings, job_id)
+    assert job.status is JobStatus.FAILED and job.error_code == "max_attempts_exceeded"
+    assert "3 attempts" in (job.error_message or "") and job.finished_at is not None
+    assert sent == []
+
+
+def test_a_stale_cancelling_job_is_cancelled(settings: Settings, sent: list[str]) -> None:
+    job_id = running_job(settings, heartbeat_age_s=120, status=JobStatus.CANCELLING)
+    assert reaper.reap_once(settings).cancelled == 1
+    assert load(settings, job_id)[0].status is JobStatus.CANCELLED
+    assert sent == []
+
+
+def test_a_heartbeat_arriving_late_keeps_the_job(
+    settings: Settings, sent: list[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The re-queue re-checks staleness in its UPDATE: a job found stale by the SELECT but refreshed
+    before the UPDATE stays with its worker."""
+    job_id = running_job(settings, heartbeat_age_s=120)
+    original = reaper.transition
+
+    def heartbeat_then_transition(session, **kwargs):  # type: ignore[no-untyped-def]
+        with session_scope(settings.database_url) as other:
+            other.execute(update(Job).where(Job.id == job_id).values(heartbeat_at=utcnow()))
+        return original(session, **kwargs)
+
+    monkeypatch.setattr(reaper, "transition", heartbeat_then_transition)
+    assert reaper.reap_once(settings).total == 0
+    assert load(settings, job_id)[0].status is JobStatus.RUNNING
+    assert sent == []

@@ -1,0 +1,207 @@
+"""Trainer callbacks that report a job's progress to the database: metrics, events, checkpoints, and
+whether the job is still this worker's to run."""
+
+from __future__ import annotations
+
+import math
+import os
+import time
+from pathlib import Path
+from typing import Any
+
+from sqlalchemy import delete, insert, select, update
+
+from core.db import get_sessionmaker, utcnow
+from core.distill.callbacks import TrainerCallbacks
+from core.jobs.lifecycle import add_event
+from core.jobs.models import Checkpoint, Job, Metric
+from core.jobs.states import ACTIVE_STATES, JobStatus
+from core.storage import Storage
+from worker.job_files import JobFiles
+
+
+class DatabaseCallbacks(TrainerCallbacks):
+    """Trainer callbacks that write metrics, events and checkpoints to the database.
+
+    Step metrics are buffered and written at most every `flush_interval_s` (one transaction each), so a
+    fast trainer does not turn into a database load. Every write is conditional on the job still being
+    this worker's; when it is not (re-queued by the reaper, say), writes stop and `should_stop` says so.
+    """
+
+    def __init__(
+        self,
+        *,
+        database_url: str,
+        storage: Storage,
+        job_id: str,
+        worker_id: str,
+        checkpoint_every: int = 0,
+        flush_interval_s: float = 0.5,
+        stop_check_interval_s: float = 0.25,
+    ) -> None:
+        self._sessions = get_sessionmaker(database_url)
+        self._storage = storage
+        self._job_id = job_id
+        self._worker_id = worker_id
+        self._files = JobFiles(storage.job_dir(job_id))
+        self._checkpoint_every = checkpoint_every
+        self._flush_interval_s = flush_interval_s
+        self._stop_check_interval_s = stop_check_interval_s
+        self._pending: list[dict[str, Any]] = []
+        self._latest: dict[str, float] = {}
+        self._step: int | None = None
+        self._last_flush = time.monotonic()
+        self._last_stop_check = 0.0
+        self._stop_requested = False
+        self._owned = True
+        self.started = False
+
+    # ----------------------------------------------------------------------------- trainer interface
+    def on_start(self, *, total_steps: int, start_step: int) -> None:
+        self.started = True
+        self._step = start_step
+        with self._sessions.begin() as session:
+            if not self._claim_write(session, total_steps=total_steps):
+                return
+            if start_step > 0:
+                # Steps after the checkpoint were logged by the lost attempt and are about to run again.
+                session.execute(delete(Metric).where(Metric.job_id == self._job_id, Metric.step > start_step))
+                message = f"resumed from step {start_step} of {total_steps}"
+            else:
+                message = f"training started: {total_steps} steps"
+            add_event(
+                session,
+                job_id=self._job_id,
+                kind="start",
+                message=message,
+                data={"start_step": start_step, "total_steps": total_steps},
+            )
+
+    def on_step(self, step: int, metrics: dict[str, float]) -> None:
+        self._record(step, metrics)
+        # Before a checkpoint of this step exists on disk its metrics must be stored: a resumed attempt
+        # starts after the checkpoint and will not log these steps again.
+        checkpoint_next = self._checkpoint_every > 0 and step % self._checkpoint_every == 0
+        if checkpoint_next or time.monotonic() - self._last_flush >= self._flush_interval_s:
+            self.flush()
+
+    def on_eval(self, step: int, metrics: dict[str, float], samples: list[dict[str, Any]]) -> None:
+        self._record(step, metrics)
+        finite = {k: v for k, v in metrics.items() if _finite(v)}
+        self.flush(
+            event=(
+                "eval",
+                f"evaluation at step {step}",
+                {"step": step, "metrics": finite, "samples": samples},
+            )
+        )
+
+    def on_checkpoint(self, step: int, path: Path, metrics: dict[str, float]) -> None:
+        self.flush()
+        self._record_checkpoint(step, path, metrics, replace=True)
+
+    def on_resume(self, step: int, path: Path) -> None:
+        """Resuming from `path`: make sure it is listed (a lost attempt may have died before recording it)."""
+        self.on_event("resume", f"resuming from the checkpoint of step {step}")
+        self._record_checkpoint(step, path, {}, replace=False)
+
+    def _record_checkpoint(self, step: int, path: Path, metrics: dict[str, float], *, replace: bool) -> None:
+        if not self._owned:
+            return
+        relative = self._storage.relative(path)
+        size = sum(f.stat().st_size for f in Path(path).rglob("*") if f.is_file())
+        finite = {k: v for k, v in metrics.items() if _finite(v)}
+        with self._sessions.begin() as session:
+            if not self._claim_write(session):
+                return
+            existing = select(Checkpoint.id).where(Checkpoint.job_id == self._job_id, Checkpoint.step == step)
+            if not replace and session.scalar(existing) is not None:
+                return
+            # A lost attempt may have recorded this step already; keep_checkpoints may have deleted others.
+            session.execute(
+                delete(Checkpoint).where(Checkpoint.job_id == self._job_id, Checkpoint.step == step)
+            )
+            session.add(
+                Checkpoint(
+                    job_id=self._job_id, step=step, storage_path=relative, size_bytes=size, metrics=finite
+                )
+            )
+            for old in session.scalars(select(Checkpoint).where(Checkpoint.job_id == self._job_id)):
+                if old.step != step and not self._storage.resolve(old.storage_path).is_dir():
+                    session.delete(old)
+            if replace:
+                add_event(
+                    session,
+                    job_id=self._job_id,
+                    kind="checkpoint",
+                    message=f"checkpoint saved at step {step}",
+                    data={"step": step, "size_bytes": size},
+                )
+
+    def on_event(self, kind: str, message: str) -> None:
+        # Paths inside the artifacts volume mean nothing to the API's users; keep them relative.
+        self.flush(event=(kind, message.replace(f"{self._storage.root}{os.sep}", ""), None))
+
+    def should_stop(self) -> bool:
+        now = time.monotonic()
+        if not self._stop_requested and now - self._last_stop_check >= self._stop_check_interval_s:
+            self._last_stop_check = now
+            self._stop_requested = self._files.stop_requested()
+        if self._stop_requested and self._pending:
+            self.flush()  # the trainer checkpoints this step next
+        return self._stop_requested or not self._owned
+
+    # ------------------------------------------------------------------------------------------ writes
+    def flush(self, event: tuple[str, str, dict[str, Any] | None] | None = None) -> None:
+        """Write buffered metrics, the job's progress and `event` in one transaction."""
+        self._last_flush = time.monotonic()
+        rows, self._pending = self._pending, []
+        if not self._owned:
+            return
+        with self._sessions.begin() as session:
+            progress: dict[str, Any] = {}
+            if self._step is not None:
+                progress = {"current_step": self._step, "latest_metrics": dict(self._latest)}
+            if not self._claim_write(session, **progress):
+                return
+            if rows:
+                session.execute(insert(Metric), rows)
+            if event is not None:
+                kind, message, data = event
+                add_event(session, job_id=self._job_id, kind=kind, message=message, data=data)
+
+    def _record(self, step: int, metrics: dict[str, float]) -> None:
+        self._step = step
+        now = utcnow()
+        for name, value in metrics.items():
+            if _finite(value):
+                self._pending.append(
+                    {
+                        "job_id": self._job_id,
+                        "step": step,
+                        "name": name,
+                        "value": float(value),
+                        "created_at": now,
+                    }
+                )
+                self._latest[name] = float(value)
+
+    def _claim_write(self, session: Any, **values: Any) -> bool:
+        """Touch the job row if it is still ours (and read whether a stop was asked), inside `session`."""
+        result = session.execute(
+            update(Job)
+            .where(Job.id == self._job_id, Job.worker_id == self._worker_id, Job.status.in_(ACTIVE_STATES))
+            .values(updated_at=utcnow(), **values)
+            .returning(Job.status)
+            .execution_options(synchronize_session=False)
+        ).scalar_one_or_none()
+        if result is None:
+            self._owned = False
+            return False
+        if result is JobStatus.CANCELLING:
+            self._stop_requested = True
+        return True
+
+
+def _finite(value: object) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)

@@ -1,0 +1,134 @@
+"""`python -m worker.trainer_process JOB_ID --spec PATH --worker-id ID`: one training attempt of a job.
+
+Started by `worker.supervisor` in its own process; reports progress to the database through
+`worker.progress.DatabaseCallbacks`, resumes from the job's last checkpoint, and leaves `result.json`
+(exit 0) or `error.json` with a code and a message (exit 3) in the job directory (`worker.job_files`).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import traceback
+from pathlib import Path
+
+from sqlalchemy import select
+
+from core.config import Settings
+from core.db import get_sessionmaker
+from core.distill.data_formats import DataError
+from core.distill.model_checks import ModelReferenceError, TokenizerMismatchError
+from core.distill.spec import JobSpec
+from core.jobs.models import Job
+from core.storage import Storage
+from worker.job_files import EXIT_TRAINING_FAILED, JobFiles
+from worker.progress import DatabaseCallbacks
+
+
+# ---------------------------------------------------------------------------------------- error codes
+def error_code(exc: BaseException, *, started: bool) -> str:
+    """The stable code a failed job reports for `exc` (see the API's error documentation)."""
+    from core.distill.trainer import TrainingError
+
+    if isinstance(exc, DataError):
+        return "invalid_data"
+    if isinstance(exc, TokenizerMismatchError):
+        return "tokenizer_mismatch"
+    if isinstance(exc, ModelReferenceError):
+        return "model_load_failed"
+    if isinstance(exc, TrainingError):
+        return "non_finite_loss" if "non-finite" in str(exc) else "training_error"
+    if type(exc).__name__ == "OutOfMemoryError" or isinstance(exc, MemoryError):
+        return "out_of_memory"
+    if not started and _raised_in(exc, ("core/distill/models.py", "/transformers/", "/safetensors/")):
+        return "model_load_failed"
+    return "training_error"
+
+
+def _raised_in(exc: BaseException, markers: tuple[str, ...]) -> bool:
+    tb = exc.__traceback__
+    while tb is not None:
+        filename = tb.tb_frame.f_code.co_filename.replace(os.sep, "/")
+        if any(marker in filename for marker in markers):
+            return True
+        tb = tb.tb_next
+    return False
+
+
+def public_message(message: str, *, spec: JobSpec, file_ids: dict[str, str], storage: Storage) -> str:
+    """`message` with the worker's file paths replaced by what the user knows: the uploaded file ids."""
+    for field, file_id in file_ids.items():
+        path = getattr(spec.data, field, None)
+        if path and path != file_id:
+            message = message.replace(path, f"file {file_id}")
+    return message.replace(f"{storage.root}{os.sep}", "")
+
+
+def _file_ids(database_url: str, job_id: str) -> dict[str, str]:
+    """The job's data fields as the user gave them (file ids), from the stored spec."""
+    with get_sessionmaker(database_url)() as session:
+        stored = session.scalar(select(Job.spec).where(Job.id == job_id)) or {}
+    data = stored.get("data") or {}
+    return {field: data[field] for field in ("train", "eval") if isinstance(data.get(field), str)}
+
+
+# ------------------------------------------------------------------------------------------------ main
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m worker.trainer_process")
+    parser.add_argument("job_id")
+    parser.add_argument("--spec", required=True, type=Path, help="The spec with file ids resolved to paths.")
+    parser.add_argument("--worker-id", required=True)
+    parser.add_argument("--device", default=None, help="Default: cuda when available, else cpu.")
+    args = parser.parse_args(argv)
+
+    settings = Settings()
+    storage = Storage(settings.artifacts)
+    output_dir = storage.job_dir(args.job_id)
+    files = JobFiles(output_dir)
+    spec = files.read_spec(args.spec)
+    callbacks = DatabaseCallbacks(
+        database_url=settings.database_url,
+        storage=storage,
+        job_id=args.job_id,
+        worker_id=args.worker_id,
+        checkpoint_every=spec.training.checkpoint_every,
+    )
+    try:
+        from core.distill.layout import checkpoint_step
+        from core.distill.trainer import latest_checkpoint, train
+
+        if settings.trainer_threads:
+            import torch
+
+            # Fewer threads than cores when the API shares the machine: OpenMP threads that lose their
+            # core to another process stall each other at every barrier.
+            torch.set_num_threads(settings.trainer_threads)
+        resume_from = latest_checkpoint(output_dir)
+        if resume_from is not None:
+            callbacks.on_resume(checkpoint_step(resume_from), resume_from)
+        result = train(
+            spec, output_dir=output_dir, callbacks=callbacks, resume_from=resume_from, device=args.device
+        )
+        callbacks.flush()
+    except Exception as exc:
+        traceback.print_exc()
+        code = error_code(exc, started=callbacks.started)
+        message = str(exc).strip() or type(exc).__name__
+        try:
+            file_ids = _file_ids(settings.database_url, args.job_id)
+        except Exception:
+            file_ids = {}
+        message = public_message(message, spec=spec, file_ids=file_ids, storage=storage)
+        files.write_error(code=code, message=message)
+        try:
+            callbacks.flush()
+        except Exception:
+            traceback.print_exc()
+        return EXIT_TRAINING_FAILED
+    files.write_result(step=result.step, stopped=result.stopped)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
