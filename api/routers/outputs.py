@@ -11,6 +11,7 @@ from api.deps import SessionDep, SettingsDep, TenantDep
 from api.schemas import CheckpointOut, ErrorResponse, EventOut, MetricPoint, MetricsOut, Page, json_safe
 from api.sse import job_event_stream
 from core.archive import Archive, directory_archive
+from core.distill import layout
 from core.errors import Conflict, InvalidRequest, NotFound
 from core.jobs import service
 from core.jobs.states import JobStatus
@@ -108,7 +109,7 @@ def download_checkpoint(
     directory = storage.resolve(checkpoint.storage_path)
     if not directory.is_dir():
         raise NotFound("checkpoint_missing", f"the files of checkpoint {step} are gone", param="step")
-    name = f"checkpoint-{step:08d}"
+    name = layout.checkpoint_download_name(step)
     archive = directory_archive(directory, storage.job_dir(job_id) / "archives" / f"{name}.tar.gz", name)
     return _archive_response(archive, f"{job_id}-{name}.tar.gz")
 
@@ -124,8 +125,9 @@ def download_student(
             "student_not_ready", f"the student is available once the job succeeds (it is {job.status.value})"
         )
     storage = Storage(settings.artifacts)
-    directory = storage.job_dir(job_id) / "student"
+    directory = layout.student_dir(storage.job_dir(job_id))
     if not (directory / "config.json").is_file():
         raise NotFound("student_missing", "the job succeeded but its student directory is missing")
-    archive = directory_archive(directory, storage.job_dir(job_id) / "archives" / "student.tar.gz", "student")
-    return _archive_response(archive, f"{job_id}-student.tar.gz")
+    name = layout.STUDENT_DIR
+    archive = directory_archive(directory, storage.job_dir(job_id) / "archives" / f"{name}.tar.gz", name)
+    return _archive_response(archive, f"{job_id}-{name}.tar.gz")

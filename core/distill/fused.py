@@ -15,7 +15,8 @@ import math
 import torch
 from torch import Tensor
 
-from core.distill.losses import LossConfigError, token_losses, validate_loss_params
+from core.distill.losses.params import LossConfig, LossConfigError, loss_config
+from core.distill.losses.registry import configured_token_losses
 
 # Elements of one [chunk, V] float32 tensor; the loss holds about twenty such tensors at its peak.
 # Each chunk re-reads the head weights four times and updates the weight gradient once, so too small a
@@ -39,7 +40,7 @@ def fused_distillation_loss(
     teacher_head_weight: Tensor,
     labels: Tensor,
     *,
-    loss: str = "amid",
+    loss: str | LossConfig = "amid",
     chunk_size: int | None = None,
     ignore_index: int = -100,
     normalizer: float | Tensor | None = None,
@@ -59,20 +60,26 @@ def fused_distillation_loss(
             (padded vocabulary). Gets no gradient.
         labels: ``[...]`` token ids already aligned with the hidden positions (the caller shifted them);
             positions equal to ``ignore_index`` are dropped before chunking.
-        loss: a loss name of ``core.distill.losses`` (fkl rkl jsd skl srkl tvd ab taid amid).
+        loss: a loss name of ``core.distill.losses`` (fkl rkl jsd skl srkl tvd ab taid amid), or an
+            already validated ``LossConfig`` (then ``params`` must be empty).
         chunk_size: rows per chunk; default ``default_chunk_size(V_s, device)``.
         ignore_index: label value of positions that take no part in the loss.
         normalizer: divide the summed loss by this instead of the number of valid positions (e.g. the
             token count of a whole optimizer step under gradient accumulation).
         with_ce: also return the student's cross-entropy against ``labels`` (temperature 1), normalized
             the same way, computed from the same head pass.
-        **params: the loss's parameters, validated once by ``validate_loss_params``.
+        **params: the loss's parameters, validated once per call (never per chunk).
 
     Returns:
         ``kd`` (a float32/float64 scalar), or ``(kd, ce)`` when ``with_ce``. All positions masked gives
         zeros with zero gradients.
     """
-    params = validate_loss_params(loss, dict(params))
+    if isinstance(loss, LossConfig):
+        if params:
+            raise TypeError("give the loss parameters inside the LossConfig, not as keywords")
+        config = loss
+    else:
+        config = loss_config(loss, params)
     vocab, hidden_s = student_head_weight.shape
     if student_hidden.shape[-1] != hidden_s:
         raise ValueError(f"student hidden size {student_hidden.shape[-1]} != head weight's {hidden_s}")
@@ -104,7 +111,7 @@ def fused_distillation_loss(
     h_t = teacher_hidden.detach().reshape(-1, teacher_hidden.shape[-1]).index_select(0, rows)
     w_t = teacher_head_weight.detach()[:vocab]
     kd_sum, ce_sum = _FusedHeadLoss.apply(
-        h_s, student_head_weight, h_t, w_t, targets, loss, params, chunk_size, with_ce
+        h_s, student_head_weight, h_t, w_t, targets, config, chunk_size, with_ce
     )
 
     denominator = _denominator(normalizer, rows.numel(), kd_sum)
@@ -188,8 +195,7 @@ def _chunk_losses(
     logits_s: Tensor,
     logits_t: Tensor,
     targets: Tensor | None,
-    loss: str,
-    params: dict[str, object],
+    config: LossConfig,
     need_dlogits: bool,
 ) -> tuple[Tensor, Tensor, dict[str, Tensor]]:
     """Summed KD and CE losses of one chunk and, if asked, their gradients w.r.t. the student logits.
@@ -201,12 +207,12 @@ def _chunk_losses(
     if need_dlogits:
         with torch.enable_grad():
             leaf = logits_s.detach().requires_grad_()
-            per_token = token_losses(loss, leaf, logits_t, **params)
+            per_token = configured_token_losses(config, leaf, logits_t)
             kd = per_token.detach().sum()
             (dlogits["kd"],) = torch.autograd.grad(per_token.sum(), leaf)
         del per_token, leaf
     else:
-        kd = token_losses(loss, logits_s, logits_t, **params).sum()
+        kd = configured_token_losses(config, logits_s, logits_t).sum()
     ce = torch.zeros_like(kd)
     if targets is not None:
         targets = targets.unsqueeze(1)
@@ -230,8 +236,7 @@ class _FusedHeadLoss(torch.autograd.Function):
         h_t: Tensor,
         w_t: Tensor,
         targets: Tensor,
-        loss: str,
-        params: dict[str, object],
+        config: LossConfig,
         chunk_size: int,
         with_ce: bool,
     ) -> tuple[Tensor, Tensor]:
@@ -263,8 +268,7 @@ class _FusedHeadLoss(torch.autograd.Function):
                     student.logits(hs),
                     logits_t,
                     targets[start:stop] if with_ce else None,
-                    loss,
-                    params,
+                    config,
                     need_dlogits,
                 )
                 del logits_t
@@ -301,4 +305,4 @@ class _FusedHeadLoss(torch.autograd.Function):
         grad_h = combine(ctx.grad_h, h_dtype)
         grad_w = combine(ctx.grad_w, w_dtype)
         ctx.grad_h = ctx.grad_w = None
-        return grad_h, grad_w, None, None, None, None, None, None, None
+        return grad_h, grad_w, None, None, None, None, None, None

@@ -34,6 +34,11 @@ def checkpoint_path(output_dir: Path, step: int) -> Path:
     return checkpoints_dir(output_dir) / checkpoint_name(step)
 
 
+def checkpoint_download_name(step: int) -> str:
+    """What a downloaded checkpoint archive is called and unpacks to (`checkpoint-00000050`)."""
+    return f"checkpoint-{step:08d}"
+
+
 def parse_checkpoint_name(name: str) -> int | None:
     """The step a checkpoint directory name stands for, or None when `name` is not one."""
     match = _CHECKPOINT_NAME.match(name)

@@ -10,7 +10,7 @@ exact.
 from __future__ import annotations
 
 import contextlib
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import torch
@@ -81,8 +81,7 @@ class Objective:
 
     def __init__(self, spec: JobSpec, *, vocab_size: int, fused: bool, autocast_dtype: torch.dtype | None):
         """`vocab_size`: entries both models share (the teacher's extra padded entries are cut)."""
-        self.loss_name = spec.loss.name
-        self.loss_params: dict[str, Any] = spec.loss.loss_params()
+        self.loss = spec.loss.loss_config()
         self.kd_ratio = spec.kd_ratio
         self.chunk_size = spec.loss.chunk_size
         self.vocab_size = vocab_size
@@ -118,7 +117,8 @@ class Objective:
         """Losses of the student on `batch` given `teacher_targets`; `overrides` replace loss parameters (TAID t)."""
         ids, mask = batch["input_ids"], batch["attention_mask"]
         labels = batch["labels"][:, 1:]
-        params = self.loss_params | overrides
+        # Overrides come from the trainer's own schedules (TAID's t stays in [t_start, 1]).
+        loss = replace(self.loss, params={**self.loss.params, **overrides}) if overrides else self.loss
         with self._autocast(ids.device):
             if self.fused:
                 hidden = body_hidden(student, ids, mask)[:, :-1]
@@ -129,25 +129,24 @@ class Objective:
                 targets,
                 head_weight(teacher)[: self.vocab_size],
                 labels,
-                loss=self.loss_name,
+                loss=loss,
                 chunk_size=self.chunk_size,
                 ignore_index=IGNORE_INDEX,
                 normalizer=normalizer,
                 with_ce=True,
-                **params,
             )
         else:
             with self._autocast(ids.device):
                 logits = student(input_ids=ids, attention_mask=mask, use_cache=False).logits
             logits = logits[:, :-1, : self.vocab_size].float()
             kd = distillation_loss(
-                self.loss_name,
+                loss.name,
                 logits,
                 targets,
                 labels,
                 ignore_index=IGNORE_INDEX,
                 normalizer=normalizer,
-                **params,
+                **loss.params,
             )
             ce = (
                 F.cross_entropy(

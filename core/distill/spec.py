@@ -10,12 +10,24 @@ from __future__ import annotations
 
 import math
 from pathlib import Path
+from types import MappingProxyType
 from typing import Any, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
-LossName = Literal["amid", "fkl", "rkl", "jsd", "skl", "srkl", "tvd", "ab", "taid"]
+from core.distill.losses.params import (
+    DIVERGENCES,
+    LOSS_NAMES,
+    LOSS_PARAMS,
+    ORDERS,
+    TAID_SCHEDULE_PARAMS,
+    LossConfig,
+    LossParam,
+    loss_param_names,
+)
+
+LossName = Literal[LOSS_NAMES]  # type: ignore[valid-type]
 DTypeName = Literal["auto", "float32", "bfloat16", "float16"]
 
 
@@ -72,53 +84,58 @@ class DataSpec(_Spec):
         return self
 
 
+def _param_field(param: LossParam) -> Any:
+    return Field(default=param.default, description=param.description, **param.bounds())
+
+
 class LossSpec(_Spec):
-    """The distillation loss and its parameters. λ (`lam`) is always the weight on the TEACHER."""
+    """The distillation loss and its parameters. λ (`lam`) is always the weight on the TEACHER.
+
+    Names, defaults and ranges come from `core.distill.losses.params`, the losses' own table."""
 
     name: LossName = "amid"
-    alpha: float = Field(default=0.5, description="AMiD mixture α (any real number).")
-    lam: float = Field(default=0.1, ge=0.0, le=1.0, description="AMiD teacher weight λ in [0, 1].")
-    divergence: Literal["kl", "ab"] = "kl"
-    order: Literal["pr", "qr", "rp", "rq"] = "pr"
-    temperature: float = Field(default=1.0, gt=0.0, le=100.0)
-    ab_alpha: float = Field(default=0.2, description="α-β divergence's α (not the mixture α).")
-    ab_beta: float = Field(default=0.7, description="α-β divergence's β.")
-    beta: float = Field(default=0.5, ge=0.0, le=1.0, description="Generalized JSD weight on the teacher.")
-    skew: float = Field(default=0.1, ge=0.0, le=1.0, description="DistiLLM skew for skl / srkl.")
-    taid_t_start: float = Field(default=0.4, ge=0.0, le=1.0)
-    taid_beta_lr: float = Field(default=5e-4, ge=0.0)
-    taid_momentum: float = Field(default=0.99, ge=0.0, lt=1.0)
+    alpha: float = _param_field(LOSS_PARAMS["alpha"])
+    lam: float = _param_field(LOSS_PARAMS["lam"])
+    divergence: Literal[DIVERGENCES] = _param_field(LOSS_PARAMS["divergence"])  # type: ignore[valid-type]
+    order: Literal[ORDERS] = _param_field(LOSS_PARAMS["order"])  # type: ignore[valid-type]
+    temperature: float = _param_field(LOSS_PARAMS["temperature"])
+    ab_alpha: float = _param_field(LOSS_PARAMS["ab_alpha"])
+    ab_beta: float = _param_field(LOSS_PARAMS["ab_beta"])
+    beta: float = _param_field(LOSS_PARAMS["beta"])
+    skew: float = _param_field(LOSS_PARAMS["skew"])
+    taid_t_start: float = _param_field(LOSS_PARAMS["t"])
+    taid_beta_lr: float = _param_field(TAID_SCHEDULE_PARAMS["beta_lr"])
+    taid_momentum: float = _param_field(TAID_SCHEDULE_PARAMS["momentum"])
     fused: bool = Field(default=True, description="Use the chunked fused loss (memory-bounded).")
     chunk_size: int | None = Field(default=None, ge=1, description="Tokens per chunk of the fused loss.")
 
-    @field_validator("alpha", "ab_alpha", "ab_beta")
+    @field_validator(
+        "alpha",
+        "ab_alpha",
+        "ab_beta",
+        "temperature",
+        "lam",
+        "beta",
+        "skew",
+        "taid_t_start",
+        "taid_beta_lr",
+        "taid_momentum",
+    )
     @classmethod
     def _finite(cls, value: float) -> float:
         if not math.isfinite(value):
             raise ValueError("must be a finite number")
         return value
 
+    def loss_config(self) -> LossConfig:
+        """The loss and its parameters as the losses take them; already valid, so not checked again."""
+        fields = {"t": "taid_t_start"}
+        params = {key: getattr(self, fields.get(key, key)) for key in loss_param_names(self.name)}
+        return LossConfig(self.name, MappingProxyType(params))
+
     def loss_params(self) -> dict[str, Any]:
         """The keyword parameters `distillation_loss(self.name, ...)` takes for this loss."""
-        common: dict[str, Any] = {"temperature": self.temperature}
-        if self.name == "amid":
-            return common | {
-                "alpha": self.alpha,
-                "lam": self.lam,
-                "divergence": self.divergence,
-                "order": self.order,
-                "ab_alpha": self.ab_alpha,
-                "ab_beta": self.ab_beta,
-            }
-        if self.name == "jsd":
-            return common | {"beta": self.beta}
-        if self.name in ("skl", "srkl"):
-            return common | {"skew": self.skew}
-        if self.name == "ab":
-            return common | {"ab_alpha": self.ab_alpha, "ab_beta": self.ab_beta}
-        if self.name == "taid":
-            return common | {"t": self.taid_t_start}
-        return common
+        return dict(self.loss_config().params)
 
 
 class StrategySpec(_Spec):

@@ -11,7 +11,7 @@ from torch import Tensor
 
 from core.distill.losses import baselines
 from core.distill.losses.amid import amid_token_losses
-from core.distill.losses.params import LossConfigError, validate_loss_params
+from core.distill.losses.params import LossConfig, LossConfigError, loss_config
 from core.distill.losses.taid import taid_token_losses
 
 # Each maps (teacher log-probs, student log-probs, **loss-specific params) to per-token losses.
@@ -44,8 +44,11 @@ def token_losses(name: str, student_logits: Tensor, teacher_logits: Tensor, **pa
     Returns:
         ``[N]`` per-token losses in the compute dtype (float32 or float64).
     """
-    params = validate_loss_params(name, params)
-    temperature = params.pop("temperature")
+    return configured_token_losses(loss_config(name, params), student_logits, teacher_logits)
+
+
+def configured_token_losses(config: LossConfig, student_logits: Tensor, teacher_logits: Tensor) -> Tensor:
+    """`token_losses` for an already validated `config` (the fused loss calls this once per chunk)."""
     teacher_logits = _cut_teacher_vocab(student_logits, teacher_logits)
     if student_logits.shape[:-1] != teacher_logits.shape[:-1]:
         raise ValueError(
@@ -54,10 +57,10 @@ def token_losses(name: str, student_logits: Tensor, teacher_logits: Tensor, **pa
     dtype = torch.promote_types(
         torch.promote_types(student_logits.dtype, teacher_logits.dtype), torch.float32
     )
-    student_logprobs = _logprobs(student_logits.to(dtype), temperature)
+    student_logprobs = _logprobs(student_logits.to(dtype), config.temperature)
     with torch.no_grad():
-        teacher_logprobs = _logprobs(teacher_logits.detach().to(dtype), temperature)
-    losses = _TOKEN_LOSSES[name](teacher_logprobs, student_logprobs, **params)
+        teacher_logprobs = _logprobs(teacher_logits.detach().to(dtype), config.temperature)
+    losses = _TOKEN_LOSSES[config.name](teacher_logprobs, student_logprobs, **config.specific())
     if student_logits.requires_grad and not losses.requires_grad:
         # Some settings do not depend on the student (λ = 1 with pr or rp, skew = 1 for skl): keep the result
         # in the graph with a zero gradient, so backward() works. An empty slice, since 0·logits is NaN at −inf.
@@ -91,7 +94,7 @@ def distillation_loss(
     Returns:
         ``[]`` scalar. No counted position gives exactly 0 with a zero gradient.
     """
-    params = validate_loss_params(name, params)
+    config = loss_config(name, params)
     if student_logits.shape[:-1] != labels.shape or teacher_logits.shape[:-1] != labels.shape:
         raise ValueError(
             f"logit positions {tuple(student_logits.shape[:-1])} / {tuple(teacher_logits.shape[:-1])} "
@@ -100,7 +103,7 @@ def distillation_loss(
     counted = labels != ignore_index
     # Selecting rows (instead of masking per-token results) keeps ignored positions out of the math entirely,
     # so whatever they hold (−inf logits included) cannot turn the gradient into NaN.
-    per_token = token_losses(name, student_logits[counted], teacher_logits[counted], **params)
+    per_token = configured_token_losses(config, student_logits[counted], teacher_logits[counted])
     total = per_token.sum()
     rows = per_token.shape[0]
     if normalizer is None:

@@ -9,7 +9,7 @@ from torch import Tensor
 
 from core.distill.losses.divergences import kl_divergence
 from core.distill.losses.mixture import assistant_logprobs
-from core.distill.losses.params import LossConfigError
+from core.distill.losses.params import LOSS_PARAMS, TAID_SCHEDULE_PARAMS, LossConfigError, check_param
 
 # TAID's target is a geometric interpolation of p and q, i.e. AMiD's assistant at α = 1.
 _GEOMETRIC = 1.0
@@ -51,12 +51,9 @@ class TaidInterpolation:
     ) -> None:
         if total_steps is None or total_steps < 1:
             raise LossConfigError("total_steps", f"must be a positive number of steps, got {total_steps}")
-        if not 0.0 <= t_start <= 1.0:
-            raise LossConfigError("t_start", f"must lie in [0, 1], got {t_start}")
-        if not (math.isfinite(beta_lr) and beta_lr >= 0.0):
-            raise LossConfigError("beta_lr", f"must be a finite number >= 0, got {beta_lr}")
-        if not 0.0 <= momentum < 1.0:
-            raise LossConfigError("momentum", f"must lie in [0, 1), got {momentum}")
+        check_param("t_start", t_start, LOSS_PARAMS["t"])
+        check_param("beta_lr", beta_lr, TAID_SCHEDULE_PARAMS["beta_lr"])
+        check_param("momentum", momentum, TAID_SCHEDULE_PARAMS["momentum"])
         self.t_start = float(t_start)
         self.beta_lr = float(beta_lr)
         self.momentum = float(momentum)

@@ -10,7 +10,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
 
 from core.distill.fused import default_chunk_size, fused_distillation_loss
-from core.distill.losses import LossConfigError, distillation_loss
+from core.distill.losses import LossConfigError, distillation_loss, loss_config
 
 IGNORE = -100
 
@@ -317,3 +317,32 @@ def test_cuda_bfloat16_model_matches_float32_logits(monkeypatch: pytest.MonkeyPa
     for got, want in zip(_grads(fused, low), _grads(reference, exact), strict=True):
         assert got.dtype == torch.bfloat16
         _assert_rel(got, want, 2e-2)
+
+
+def test_parameters_are_validated_once_per_call_not_per_chunk(monkeypatch: pytest.MonkeyPatch) -> None:
+    from core.distill.losses import params as params_module
+
+    calls = []
+    original = params_module.validate_loss_params
+
+    def counting(name: str, params: dict) -> dict:
+        calls.append(name)
+        return original(name, params)
+
+    monkeypatch.setattr(params_module, "validate_loss_params", counting)
+    torch.manual_seed(0)
+    h_s, w_s = torch.randn(3, 5, 8, requires_grad=True), torch.randn(32, 8)
+    h_t, w_t = torch.randn(3, 5, 12), torch.randn(32, 12)
+    labels = torch.randint(0, 32, (3, 5))
+    kd = fused_distillation_loss(h_s, w_s, h_t, w_t, labels, loss="amid", chunk_size=2, alpha=-1.0, lam=0.3)
+    kd.backward()
+    assert calls == ["amid"]  # 15 rows in 8 chunks, one validation
+
+    calls.clear()
+    config = loss_config("amid", {"alpha": -1.0, "lam": 0.3})
+    assert calls == ["amid"]
+    again = fused_distillation_loss(h_s, w_s, h_t, w_t, labels, loss=config, chunk_size=2)
+    assert calls == ["amid"]  # a validated config is not checked again
+    torch.testing.assert_close(again, kd.detach(), rtol=0, atol=0)
+    with pytest.raises(TypeError):
+        fused_distillation_loss(h_s, w_s, h_t, w_t, labels, loss=config, alpha=0.5)

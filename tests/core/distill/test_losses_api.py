@@ -190,6 +190,45 @@ def test_loss_names_and_params_match_loss_spec() -> None:
         assert set(spec_params) == set(default_loss_params(name)), name
 
 
+@pytest.mark.parametrize(
+    "key", ["temperature", "lam", "beta", "skew", "taid_t_start", "taid_momentum", "taid_beta_lr"]
+)
+def test_loss_spec_and_losses_share_each_range(key: str) -> None:
+    # One table: a value just outside the range is refused by the spec and by the losses (or TAID's schedule).
+    from pydantic import ValidationError
+
+    from core.distill.losses.params import LOSS_PARAMS, TAID_SCHEDULE_PARAMS
+
+    table_key = {"taid_t_start": "t", "taid_momentum": "momentum", "taid_beta_lr": "beta_lr"}.get(key, key)
+    param = LOSS_PARAMS.get(table_key) or TAID_SCHEDULE_PARAMS[table_key]
+    schema = LossSpec.model_json_schema()["properties"][key]
+    assert schema["default"] == param.default
+    outside = []
+    if param.ge is not None:
+        assert schema["minimum"] == param.ge
+        outside.append(param.ge - 1e-6)
+    if param.gt is not None:
+        assert schema["exclusiveMinimum"] == param.gt
+        outside.append(param.gt)
+    if param.le is not None:
+        assert schema["maximum"] == param.le
+        outside.append(param.le + 1e-6)
+    if param.lt is not None:
+        assert schema["exclusiveMaximum"] == param.lt
+        outside.append(param.lt)
+    assert outside
+    for value in outside:
+        with pytest.raises(ValidationError):
+            LossSpec(**{key: value})
+        if table_key in LOSS_PARAMS:
+            name = next(n for n in LOSS_NAMES if table_key in default_loss_params(n))
+            with pytest.raises(LossConfigError):
+                validate_loss_params(name, {table_key: value})
+        else:
+            with pytest.raises(LossConfigError):
+                TaidInterpolation(total_steps=10, **{table_key: value})
+
+
 @pytest.mark.parametrize(("name", "params"), CONFIGS)
 def test_teacher_gets_no_gradient(name: str, params: dict) -> None:
     student, teacher, labels = _batch()
