@@ -45,3 +45,15 @@ def test_services_run_real_commands_and_wait_for_the_migration() -> None:
     assert env["DISTILL_STORAGE_DIR"] in api_volumes & worker_volumes
     devices = services["worker"]["deploy"]["resources"]["reservations"]["devices"]
     assert devices[0]["driver"] == "nvidia"
+
+
+def test_the_image_copies_every_installed_package() -> None:
+    import tomllib
+
+    pyproject = tomllib.loads((REPO_ROOT / "pyproject.toml").read_text(encoding="utf-8"))
+    packages = {p.rstrip("*") for p in pyproject["tool"]["setuptools"]["packages"]["find"]["include"]}
+    dockerfile = (REPO_ROOT / "Dockerfile").read_text(encoding="utf-8")
+    copied = {line.split()[1] for line in dockerfile.splitlines() if line.startswith("COPY ")}
+    assert packages <= copied, f"the Dockerfile does not copy {sorted(packages - copied)}"
+    # The console script lives in one of them.
+    assert pyproject["project"]["scripts"]["distill"].split(".")[0] in packages
