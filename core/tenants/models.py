@@ -30,5 +30,8 @@ class ApiKey(Base):
     created_at: Mapped[datetime] = mapped_column(UTCDateTime(), default=utcnow)
     last_used_at: Mapped[datetime | None] = mapped_column(UTCDateTime())
     revoked_at: Mapped[datetime | None] = mapped_column(UTCDateTime())
+    expires_at: Mapped[datetime | None] = mapped_column(UTCDateTime())
+    # Space-separated; "admin" may manage tenants and every tenant's keys.
+    scopes: Mapped[str] = mapped_column(String(200), default="", server_default="")
 
     tenant: Mapped[Tenant] = relationship()
