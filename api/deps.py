@@ -1,4 +1,5 @@
-"""Request dependencies: settings, a database session per request, and the tenant of the bearer key."""
+"""Request dependencies: settings, a database session per request, and the caller behind the bearer key
+(authenticated, then counted against its rate limit)."""
 
 from __future__ import annotations
 
@@ -9,10 +10,11 @@ from fastapi import Depends, Request
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from sqlalchemy.orm import Session
 
+from api.ratelimit import RateLimiter
 from core.config import Settings
 from core.db import get_sessionmaker
 from core.errors import ServiceError
-from core.tenants.keys import authenticate
+from core.tenants.keys import Principal, authenticate_key
 from core.tenants.models import Tenant
 
 _bearer = HTTPBearer(auto_error=False, description="An API key: `Authorization: Bearer dk_...`")
@@ -36,10 +38,11 @@ def get_db(settings: SettingsDep) -> Iterator[Session]:
 SessionDep = Annotated[Session, Depends(get_db)]
 
 
-def get_tenant(
+def get_principal(
+    request: Request,
     session: SessionDep,
     credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(_bearer)],
-) -> Tenant:
+) -> Principal:
     if credentials is None or not credentials.credentials:
         raise ServiceError(
             "missing_api_key",
@@ -47,10 +50,36 @@ def get_tenant(
             param="Authorization",
             status=401,
         )
-    tenant = authenticate(session, credentials.credentials)
-    if tenant is None:
-        raise ServiceError("invalid_api_key", "the API key is not valid", param="Authorization", status=401)
-    return tenant
+    principal = authenticate_key(session, credentials.credentials)
+    request.state.tenant_id = principal.tenant.id  # for the access log
+    limiter: RateLimiter | None = getattr(request.app.state, "rate_limiter", None)
+    decision = limiter.hit(principal.key_id) if limiter is not None else None
+    if decision is not None:
+        request.state.rate_limit = decision  # api.middleware adds its headers to the response
+        if not decision.allowed:
+            raise ServiceError(
+                "rate_limited",
+                f"more than {decision.limit} requests a minute with this API key; "
+                f"retry in {decision.reset_s} s",
+                status=429,
+            )
+    return principal
+
+
+PrincipalDep = Annotated[Principal, Depends(get_principal)]
+
+
+def get_tenant(principal: PrincipalDep) -> Tenant:
+    return principal.tenant
 
 
 TenantDep = Annotated[Tenant, Depends(get_tenant)]
+
+
+def get_admin(principal: PrincipalDep) -> Principal:
+    if not principal.is_admin:
+        raise ServiceError("forbidden", "this needs an API key with the admin scope", status=403)
+    return principal
+
+
+AdminDep = Annotated[Principal, Depends(get_admin)]

@@ -15,6 +15,7 @@ from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from core.errors import ServiceError, param_from_message
+from core.logs import current_request_id
 
 logger = logging.getLogger(__name__)
 
@@ -43,7 +44,7 @@ class UploadTooLarge(HTTPException):
 
 
 def error_body(code: str, message: str, param: str | None = None) -> dict[str, Any]:
-    return {"error": {"code": code, "message": message, "param": param}}
+    return {"error": {"code": code, "message": message, "param": param, "request_id": current_request_id()}}
 
 
 def error_response(

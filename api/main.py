@@ -11,13 +11,17 @@ from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
 from fastapi import FastAPI
+from fastapi.middleware.cors import CORSMiddleware
 from sqlalchemy.exc import SQLAlchemyError
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from api.errors import UploadTooLarge, error_response, install_error_handlers
-from api.routers import files, health, jobs, outputs
+from api.middleware import REQUEST_ID_HEADER, RequestContext
+from api.ratelimit import RATE_LIMIT_HEADERS, RateLimiter
+from api.routers import files, health, jobs, keys, outputs, tenants
 from core.config import Settings, get_settings
 from core.db import get_engine, get_sessionmaker
+from core.logs import configure_logging
 from core.tenants.keys import ensure_bootstrap_key
 
 logger = logging.getLogger(__name__)
@@ -86,6 +90,8 @@ def _warm_database_pool(settings: Settings, connections: int = 10) -> None:
 def create_app(settings: Settings | None = None) -> FastAPI:
     """Build the API for `settings` (default: from the environment)."""
     settings = settings or get_settings()
+    if settings.log_format == "json":
+        configure_logging("json", settings.log_level)
 
     @asynccontextmanager
     async def lifespan(_app: FastAPI) -> AsyncIterator[None]:
@@ -98,10 +104,33 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         version="0.1.0",
         summary="Knowledge distillation for LLMs as a service.",
         lifespan=lifespan,
+        # Off in production by default (DISTILL_DOCS_ENABLED): the routes are then simply absent (404).
+        docs_url="/docs" if settings.docs_enabled else None,
+        redoc_url="/redoc" if settings.docs_enabled else None,
+        openapi_url="/openapi.json" if settings.docs_enabled else None,
     )
     app.state.settings = settings
+    app.state.rate_limiter = RateLimiter(
+        settings.rate_limit_per_minute, window_s=60.0, redis_url=settings.rate_limit_redis_url
+    )
     install_error_handlers(app)
-    for router in (files.router, jobs.router, outputs.router, health.router):
+    for router in (files.router, jobs.router, outputs.router, keys.router, tenants.router, health.router):
         app.include_router(router)
     app.add_middleware(UploadLimit, max_bytes=settings.max_upload_bytes)
+    _add_request_context(app, settings)
     return app
+
+
+def _add_request_context(app: FastAPI, settings: Settings) -> None:
+    """CORS, then the request context outermost (Starlette runs the last added middleware first): every
+    answer, a CORS preflight, a 413 or a 500 included, carries the request id."""
+    if settings.cors_origins:
+        app.add_middleware(
+            CORSMiddleware,
+            allow_origins=settings.cors_origins,
+            allow_methods=["*"],
+            allow_headers=["*"],
+            expose_headers=[REQUEST_ID_HEADER, *RATE_LIMIT_HEADERS, "X-Content-SHA256", "Content-Disposition"],
+            max_age=600,
+        )
+    app.add_middleware(RequestContext)

@@ -35,10 +35,34 @@ class Settings(BaseSettings):
     # start-up, which is how docker-compose gets a first key; `distill keys create` makes more.
     bootstrap_api_key: str | None = None
 
+    # Keys, limits and the HTTP surface (api/middleware.py, api/ratelimit.py).
+    rate_limit_per_minute: int = Field(
+        default=600, ge=0, description="Requests per API key per minute (a window from its first); 0 = off."
+    )
+    rate_limit_redis_url: str = Field(
+        default="",
+        description="Redis for counts shared by API processes; default the broker when it is redis://, "
+        "else in-process counts. An unreachable Redis falls back to in-process counts.",
+    )
+    cors_origins: Annotated[list[str], NoDecode] = Field(
+        default_factory=list,
+        description="Origins browsers may call the API from (comma-separated, `*` for any); empty = no CORS.",
+    )
+    docs_enabled: bool | None = Field(
+        default=None, description="Serve /docs, /redoc and /openapi.json; default on except in production."
+    )
+    log_format: Literal["text", "json"] = Field(
+        default="text", description="`json`: one JSON object per log line, with the request id."
+    )
+    log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
+
     max_upload_bytes: int = Field(default=200 * 1024 * 1024, ge=1)
     heartbeat_interval_s: float = Field(default=5.0, gt=0)
     stale_after_s: float = Field(default=60.0, gt=0, description="No heartbeat for this long → re-queue.")
     reaper_interval_s: float = Field(default=10.0, gt=0)
+    requeue_after_s: float = Field(
+        default=300.0, gt=0, description="Queued this long with its message gone from the broker → sent again."
+    )
     max_attempts: int = Field(default=3, ge=1)
     cancel_grace_s: float = Field(default=30.0, ge=0, description="Stop request → terminate after this.")
     task_queue: str = "distill"
@@ -47,12 +71,25 @@ class Settings(BaseSettings):
         ge=0,
         description="CPU threads of a training process; 0 = PyTorch's default (`distill serve`: all cores but one).",
     )
+    trainer_nice: int = Field(
+        default=10,
+        ge=0,
+        le=19,
+        description="Niceness of training (workers and their trainers): the API beside it stays fast; 0 = off.",
+    )
 
     @field_validator("model_roots", mode="before")
     @classmethod
     def _split_roots(cls, value: object) -> object:
         if isinstance(value, str):
             return [part for part in (p.strip() for p in value.split(",")) if part]
+        return value
+
+    @field_validator("cors_origins", mode="before")
+    @classmethod
+    def _split_origins(cls, value: object) -> object:
+        if isinstance(value, str):
+            return [part for part in (p.strip().rstrip("/") for p in value.split(",")) if part]
         return value
 
     @model_validator(mode="after")
@@ -65,6 +102,10 @@ class Settings(BaseSettings):
         if self.storage_dir is None:
             self.storage_dir = home / "artifacts"
         self.model_roots = [p.expanduser().resolve() for p in self.model_roots]
+        if self.docs_enabled is None:
+            self.docs_enabled = self.environment != "production"
+        if not self.rate_limit_redis_url and self.broker_url.startswith(("redis://", "rediss://")):
+            self.rate_limit_redis_url = self.broker_url
         if self.environment == "production" and self.bootstrap_api_key in {"changeme", "dev", ""}:
             raise ValueError("DISTILL_BOOTSTRAP_API_KEY is an unsafe default; set a real secret")
         return self

@@ -28,5 +28,7 @@ class TrainerCallbacks:
         """Free-form lifecycle messages (loading models, data counts, warnings)."""
 
     def should_stop(self) -> bool:
-        """Polled once per optimizer step; True stops training after a final checkpoint."""
+        """Polled after every optimizer step, and during evaluations and generations before each batch and
+        after each generated token (keep it cheap); True stops training after a checkpoint of the last
+        complete step."""
         return False

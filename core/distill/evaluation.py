@@ -8,18 +8,41 @@ trainer and the CLI report (`eval_rouge_l`) are the same F1 × 100, the scale th
 from __future__ import annotations
 
 import re
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 from torch import nn
-from transformers import GenerationConfig
+from transformers import GenerationConfig, StoppingCriteria, StoppingCriteriaList
 
 from core.distill.data import Example, collate, collate_prompts
 from core.distill.objective import Objective, count_loss_tokens
 
 _NON_ALNUM = re.compile(r"[^a-z0-9]+")
+ShouldStop = Callable[[], bool]
+
+
+class Stopped(Exception):
+    """A stop (cancel or pause) was requested during an evaluation or a generation; its results are
+    incomplete and were dropped."""
+
+
+class _StopRequested(StoppingCriteria):
+    """Ends `generate` at the next token once `should_stop()` says so (it is asked once per token)."""
+
+    def __init__(self, should_stop: ShouldStop) -> None:
+        self.should_stop = should_stop
+        self.triggered = False
+
+    def __call__(self, input_ids: torch.LongTensor, scores: Any, **kwargs: Any) -> torch.BoolTensor:
+        self.triggered = self.triggered or bool(self.should_stop())
+        return torch.full((input_ids.shape[0],), self.triggered, dtype=torch.bool, device=input_ids.device)
+
+
+def _check(should_stop: ShouldStop | None) -> None:
+    if should_stop is not None and should_stop():
+        raise Stopped
 
 
 # --------------------------------------------------------------------------------------------- ROUGE-L
@@ -99,16 +122,22 @@ def generate_responses(
     *,
     pad_id: int,
     eos_id: int | list[int],
+    should_stop: ShouldStop | None = None,
 ) -> list[list[int]]:
-    """Response token ids for each prompt (left-padded batches), cut after the first eos (kept)."""
+    """Response token ids for each prompt (left-padded batches), cut after the first eos (kept).
+
+    `should_stop` is asked before each batch and after each generated token; when it says yes, `Stopped`
+    is raised (within one token of the request)."""
     eos_ids = {eos_id} if isinstance(eos_id, int) else set(eos_id)
     config = _generation_config(settings, pad_id=pad_id, eos_id=eos_id)
     device = next(model.parameters()).device
     was_training = model.training
     model.eval()
     responses: list[list[int]] = []
+    stop = _StopRequested(should_stop) if should_stop is not None else None
     try:
         for start in range(0, len(prompts), settings.batch_size):
+            _check(should_stop)
             input_ids, attention_mask = collate_prompts(
                 [list(p) for p in prompts[start : start + settings.batch_size]], pad_id
             )
@@ -116,7 +145,10 @@ def generate_responses(
                 input_ids=input_ids.to(device),
                 attention_mask=attention_mask.to(device),
                 generation_config=config,
+                stopping_criteria=StoppingCriteriaList([stop] if stop is not None else []),
             )
+            if stop is not None and stop.triggered:
+                raise Stopped
             for row in output[:, input_ids.shape[1] :].tolist():
                 cut = next((i + 1 for i, tok in enumerate(row) if tok in eos_ids), len(row))
                 responses.append(row[:cut])
@@ -132,6 +164,7 @@ def rouge_l_of_model(
     settings: GenerationSettings,
     *,
     seeds: Sequence[int] = (0,),
+    should_stop: ShouldStop | None = None,
 ) -> tuple[float, list[str]]:
     """Mean ROUGE-L F1 × 100 of generated responses, averaged over `seeds`; also the first seed's texts."""
     eos_id = tokenizer.eos_token_id
@@ -142,7 +175,9 @@ def rouge_l_of_model(
         # Sampling draws from the global generator; fork it so evaluation never shifts training's stream.
         with torch.random.fork_rng(devices=_cuda_devices(model)):
             torch.manual_seed(seed)
-            responses = generate_responses(model, prompts, settings, pad_id=pad_id, eos_id=eos_id)
+            responses = generate_responses(
+                model, prompts, settings, pad_id=pad_id, eos_id=eos_id, should_stop=should_stop
+            )
         texts = [tokenizer.decode(r, skip_special_tokens=True).strip() for r in responses]
         if i == 0:
             first_texts = texts
@@ -176,8 +211,11 @@ def evaluate(
     num_samples: int = 3,
     seeds: Sequence[int] = (0,),
     loss_overrides: dict[str, Any] | None = None,
+    should_stop: ShouldStop | None = None,
 ) -> EvalResult:
-    """CE and KD loss (per response token) on `examples`, ROUGE-L of the student's responses, and samples."""
+    """CE and KD loss (per response token) on `examples`, ROUGE-L of the student's responses, and samples.
+
+    Raises `Stopped` when `should_stop` says yes between two batches or two generated tokens."""
     device = next(student.parameters()).device
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     was_training = student.training
@@ -186,6 +224,7 @@ def evaluate(
     tokens = 0
     try:
         for start in range(0, len(examples), settings.batch_size):
+            _check(should_stop)
             batch = collate(list(examples[start : start + settings.batch_size]), pad_id)
             batch = {k: v.to(device) for k, v in batch.items()}
             count = count_loss_tokens(batch)
@@ -201,7 +240,9 @@ def evaluate(
     finally:
         student.train(was_training)
     kd, ce = kd_sum / max(1, tokens), ce_sum / max(1, tokens)
-    rouge, texts = rouge_l_of_model(student, tokenizer, examples, settings, seeds=seeds)
+    rouge, texts = rouge_l_of_model(
+        student, tokenizer, examples, settings, seeds=seeds, should_stop=should_stop
+    )
     metrics = {
         "eval_ce_loss": ce,
         "eval_kd_loss": kd,

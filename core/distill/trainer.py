@@ -25,15 +25,21 @@ from torch import nn
 from core.distill import layout
 from core.distill.callbacks import TrainerCallbacks
 from core.distill.checkpoint import (
+    CheckpointError,
     latest_checkpoint,
+    list_checkpoints,
     load_checkpoint_spec,
     load_trainer_state,
+    prune_checkpoints,
     rng_state,
     save_checkpoint,
+    set_aside_checkpoint,
     set_rng_state,
+    storage_errors,
+    verify_checkpoint,
 )
 from core.distill.data import DistillDataset, Example, build_student_example, collate, load_records
-from core.distill.evaluation import EvalResult, GenerationSettings, evaluate, generate_responses
+from core.distill.evaluation import EvalResult, GenerationSettings, Stopped, evaluate, generate_responses
 from core.distill.losses import TaidInterpolation
 from core.distill.models import (
     check_tokenizers_compatible,
@@ -89,6 +95,8 @@ class _Run:
     callbacks: TrainerCallbacks
     step: int = 0
     last_metrics: dict[str, float] = field(default_factory=dict)
+    # The evaluation of `step` was stopped before it finished: a resume runs it before the next step.
+    eval_pending: bool = False
 
     @property
     def pad_id(self) -> int:
@@ -239,6 +247,7 @@ def _trainer_state(run: _Run) -> dict[str, Any]:
         "strategy": run.strategy.state_dict(),
         "taid": run.taid.state_dict() if run.taid is not None else None,
         "metrics": run.last_metrics,
+        "eval_pending": run.eval_pending,
     }
 
 
@@ -257,8 +266,40 @@ def _restore(run: _Run, checkpoint: Path) -> None:
     if run.taid is not None and state["taid"] is not None:
         run.taid.load_state_dict(state["taid"])
     run.last_metrics = dict(state.get("metrics") or {})
+    run.eval_pending = bool(state.get("eval_pending", False))
     # Last: everything above may draw random numbers; the loop must continue the saved streams.
     set_rng_state(state["rng"])
+
+
+def _set_aside_corrupt(output_dir: Path, resume_from: Path | None, callbacks: TrainerCallbacks) -> None:
+    """Rename the checkpoints newer than `resume_from` (all, when starting afresh) that fail verification,
+    with a warning each: they are never resumed from, and their steps are written again."""
+    after = -1 if resume_from is None else layout.parse_checkpoint_name(Path(resume_from).name)
+    if after is None:  # resuming from a directory outside the run's checkpoints/
+        return
+    for step, path in list_checkpoints(output_dir):
+        if step > after and (problem := verify_checkpoint(path)) is not None:
+            _warn_corrupt(callbacks, step, set_aside_checkpoint(path), problem)
+
+
+def _warn_corrupt(callbacks: TrainerCallbacks, step: int, moved: Path, problem: str) -> None:
+    callbacks.on_event(
+        "warning",
+        f"the checkpoint of step {step} is corrupt ({problem}); set aside as {moved.name} and not used",
+    )
+
+
+def _step_snapshot(run: _Run) -> dict[str, Any]:
+    """What an on-policy step changes before its first backward pass (see `_rollback`)."""
+    return {"rng": rng_state(), "data": run.order.state_dict(), "strategy": run.strategy.state_dict()}
+
+
+def _rollback(run: _Run, snapshot: dict[str, Any]) -> None:
+    """Undo a step stopped while it generated: the model and optimizer were not touched yet, so putting the
+    data position, the strategy and the RNG streams back gives exactly the state after the previous step."""
+    run.order.load_state_dict(snapshot["data"])
+    run.strategy.load_state_dict(snapshot["strategy"])
+    set_rng_state(snapshot["rng"])
 
 
 # -------------------------------------------------------------------------------------------- one step
@@ -275,7 +316,9 @@ def _student_examples(run: _Run, examples: list[Example]) -> list[Example]:
         batch_size=len(prompts),
     )
     eos = run.tokenizer.eos_token_id
-    responses = generate_responses(run.student, prompts, settings, pad_id=run.pad_id, eos_id=eos)
+    responses = generate_responses(
+        run.student, prompts, settings, pad_id=run.pad_id, eos_id=eos, should_stop=run.callbacks.should_stop
+    )
     return [
         build_student_example(p, r, eos, data.max_length) for p, r in zip(prompts, responses, strict=True)
     ]
@@ -356,6 +399,7 @@ def _train_step(run: _Run, step: int) -> dict[str, float]:
 
 # ------------------------------------------------------------------------------------ eval, checkpoint
 def _evaluate(run: _Run, step: int) -> EvalResult:
+    """Evaluate at `step`; raises `Stopped` (leaving `eval_pending` set) when a stop arrives meanwhile."""
     e = run.spec.evaluation
     settings = GenerationSettings(
         max_new_tokens=e.max_new_tokens,
@@ -365,6 +409,7 @@ def _evaluate(run: _Run, step: int) -> EvalResult:
         batch_size=e.batch_size,
     )
     overrides = {"t": run.taid.t} if run.taid is not None else {}
+    run.eval_pending = True
     result = evaluate(
         run.student,
         run.teacher,
@@ -375,7 +420,9 @@ def _evaluate(run: _Run, step: int) -> EvalResult:
         num_samples=e.num_samples_logged,
         seeds=(run.spec.training.seed,),
         loss_overrides=overrides,
+        should_stop=run.callbacks.should_stop,
     )
+    run.eval_pending = False
     if run.strategy.after_eval(result.metrics["eval_loss"]):
         run.callbacks.on_event(
             "strategy", f"validation loss rose at step {step}: θ = {run.strategy.theta:.2f}"
@@ -393,10 +440,21 @@ def _checkpoint(run: _Run) -> Path:
         tokenizer=run.tokenizer,
         spec=run.spec,
         trainer_state=_trainer_state(run),
-        keep=run.spec.training.keep_checkpoints,
     )
+    keep = run.spec.training.keep_checkpoints
+    if keep is not None:
+        for skipped in prune_checkpoints(run.output_dir, keep=keep, current=path):
+            _warn_corrupt(run.callbacks, skipped.step, skipped.path, skipped.problem)
     run.callbacks.on_checkpoint(run.step, path, dict(run.last_metrics))
     return path
+
+
+def _stopped(run: _Run, last_checkpoint: Path | None) -> TrainResult:
+    """End a stopped run with a checkpoint of its current step (none before the first step)."""
+    if run.step > 0 and (last_checkpoint is None or layout.checkpoint_step(last_checkpoint) != run.step):
+        last_checkpoint = _checkpoint(run)
+    run.callbacks.on_event("stopped", f"stopped at step {run.step}")
+    return TrainResult(run.step, dict(run.last_metrics), None, stopped=True, checkpoint=last_checkpoint)
 
 
 # ------------------------------------------------------------------------------------------------ train
@@ -409,37 +467,53 @@ def train(
     device: str | None = None,
 ) -> TrainResult:
     """Distill `spec.teacher` into the student; checkpoints under `output_dir/checkpoints`, the final
-    student in `output_dir/student`. Raises `TrainingError` on a non-finite loss (naming the step) and
-    `TokenizerMismatchError` before training when the tokenizers disagree."""
+    student in `output_dir/student`. Raises `TrainingError` on a non-finite loss (naming the step),
+    `TokenizerMismatchError` before training when the tokenizers disagree, `CheckpointError` when
+    `resume_from` does not verify, and `StorageFullError` when the disk fills up while saving.
+
+    A stop (`callbacks.should_stop()`) is honoured between steps, and within an evaluation or a generation
+    at the next batch or token: the run then checkpoints its last complete step and returns `stopped`."""
     output_dir = Path(output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
     callbacks = callbacks or TrainerCallbacks()
+    if resume_from is not None and (problem := verify_checkpoint(resume_from)) is not None:
+        raise CheckpointError(f"cannot resume from {resume_from}: {problem}")
+    _set_aside_corrupt(output_dir, resume_from, callbacks)
     run = _setup(spec, output_dir, callbacks, resume_from, _pick_device(device))
     t = spec.training
     evaluating = t.eval_every > 0 and bool(run.eval_examples)
+    run.eval_pending = run.eval_pending and evaluating
     callbacks.on_start(total_steps=t.max_steps, start_step=run.step)
+    # Only an on-policy or adaptive step generates, and so only such a step can be stopped halfway.
+    generates = spec.strategy.name != "off_policy"
 
-    if evaluating and run.step == 0:
-        run.last_metrics |= _evaluate(run, 0).metrics  # the baseline before any update
     last_checkpoint: Path | None = None
-    while run.step < t.max_steps:
-        run.step += 1
-        metrics = _train_step(run, run.step)
-        run.last_metrics |= metrics
-        callbacks.on_step(run.step, metrics)
-        if evaluating and (run.step % t.eval_every == 0 or run.step == t.max_steps):
+    try:
+        if evaluating and (run.step == 0 or run.eval_pending):
+            # The baseline before any update, or the evaluation a stop interrupted before the checkpoint.
             run.last_metrics |= _evaluate(run, run.step).metrics
-        if t.checkpoint_every > 0 and run.step % t.checkpoint_every == 0:
-            last_checkpoint = _checkpoint(run)
-        if run.step < t.max_steps and callbacks.should_stop():
-            if last_checkpoint is None or layout.checkpoint_step(last_checkpoint) != run.step:
+        while run.step < t.max_steps:
+            snapshot = _step_snapshot(run) if generates else None
+            try:
+                metrics = _train_step(run, run.step + 1)
+            except Stopped:
+                if snapshot is not None:
+                    _rollback(run, snapshot)
+                raise
+            run.step += 1
+            run.last_metrics |= metrics
+            callbacks.on_step(run.step, metrics)
+            if evaluating and (run.step % t.eval_every == 0 or run.step == t.max_steps):
+                run.last_metrics |= _evaluate(run, run.step).metrics
+            if t.checkpoint_every > 0 and run.step % t.checkpoint_every == 0:
                 last_checkpoint = _checkpoint(run)
-            callbacks.on_event("stopped", f"stopped at step {run.step}")
-            return TrainResult(
-                run.step, dict(run.last_metrics), None, stopped=True, checkpoint=last_checkpoint
-            )
+            if run.step < t.max_steps and callbacks.should_stop():
+                return _stopped(run, last_checkpoint)
+    except Stopped:
+        return _stopped(run, last_checkpoint)
 
-    student_dir = save_student(run.student, run.tokenizer, layout.student_dir(output_dir))
+    with storage_errors("the final student"):
+        student_dir = save_student(run.student, run.tokenizer, layout.student_dir(output_dir))
     callbacks.on_event("done", f"saved the student to {student_dir}")
     return TrainResult(
         run.step, dict(run.last_metrics), student_dir, stopped=False, checkpoint=last_checkpoint

@@ -35,7 +35,7 @@ def test_missing_or_bad_key_is_401(live_api: LiveApi) -> None:
         key_id = session.query(ApiKey.id).filter(ApiKey.tenant_id == tenant_id).scalar()
         assert revoke_api_key(session, key_id=key_id)
     with live_api.client(key) as revoked:
-        assert_error(revoked.get("/v1/jobs"), 401, "invalid_api_key")
+        assert_error(revoked.get("/v1/jobs"), 401, "api_key_revoked")
 
 
 def test_unknown_routes_and_methods_use_the_error_shape(live_api: LiveApi) -> None:

@@ -18,7 +18,8 @@ def assert_error(
     body = response.json()
     assert set(body) >= {"error"}, body
     error = body["error"]
-    assert set(error) == {"code", "message", "param"}, error
+    assert set(error) == {"code", "message", "param", "request_id"}, error
+    assert error["request_id"] == response.headers.get("x-request-id"), (error, response.headers)
     assert isinstance(error["code"], str) and error["code"]
     assert isinstance(error["message"], str) and error["message"]
     if code is not None:

@@ -8,7 +8,15 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
-from core.distill.checkpoint import TRAINER_STATE, latest_checkpoint, list_checkpoints
+from core.distill.checkpoint import (
+    MANIFEST,
+    STATE_JSON,
+    STATE_TENSORS,
+    latest_checkpoint,
+    list_checkpoints,
+    load_trainer_state,
+    verify_checkpoint,
+)
 from core.distill.layout import checkpoint_path, checkpoint_step
 from core.distill.spec import JobSpec
 from core.distill.trainer import train
@@ -91,11 +99,15 @@ def test_checkpoint_layout_and_pruning(tmp_path, tiny_teacher_dir, data):
         "model.safetensors",
         "tokenizer.json",
         "generation_config.json",
-        TRAINER_STATE,
+        STATE_TENSORS,
+        STATE_JSON,
+        MANIFEST,
     ):
         assert (latest / name).is_file(), name
+    assert not (latest / "trainer_state.pt").exists()  # nothing pickled
+    assert verify_checkpoint(latest) is None
     assert JobSpec.model_validate(json.loads((latest / "spec.json").read_text())) == spec
-    state = torch.load(latest / TRAINER_STATE, weights_only=False)
+    state = load_trainer_state(latest)
     assert state["step"] == 6 and {"optimizer", "scheduler", "rng", "data", "strategy"} <= state.keys()
     assert not [
         p for p in (tmp_path / "checkpoints").iterdir() if p.name.startswith(".")
