@@ -166,7 +166,12 @@ class TrainingSpec(_Spec):
         default="auto", description="auto = bf16 autocast on CUDA, float32 on CPU."
     )
     gradient_checkpointing: bool = False
-    keep_checkpoints: int | None = Field(default=None, ge=1, description="Keep only the newest N.")
+    keep_checkpoints: int | None = Field(
+        default=2,
+        ge=1,
+        description="Keep the newest N checkpoints that verify; null keeps all. With 1, a corrupt latest "
+        "checkpoint leaves nothing to resume from.",
+    )
 
     @model_validator(mode="after")
     def _warmup_fits(self) -> TrainingSpec:
