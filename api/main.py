@@ -15,7 +15,7 @@ from fastapi.middleware.cors import CORSMiddleware
 from sqlalchemy.exc import SQLAlchemyError
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from api.errors import UploadTooLarge, error_response, install_error_handlers
+from api.errors import BodyTooLarge, UploadTooLarge, error_response, install_error_handlers
 from api.middleware import REQUEST_ID_HEADER, RequestContext
 from api.ratelimit import RATE_LIMIT_HEADERS, RateLimiter
 from api.routers import files, health, jobs, keys, outputs, tenants
@@ -28,24 +28,33 @@ logger = logging.getLogger(__name__)
 
 # Multipart boundaries and headers around the file; the exact file-size check happens while storing it.
 MULTIPART_OVERHEAD = 64 * 1024
+# Every other body is a small JSON document (a job spec is a few KB): nothing bigger is read or parsed.
+MAX_BODY_BYTES = 1024 * 1024
 
 
-class UploadLimit:
-    """Refuse an upload body over the limit as it arrives, before it is spooled to disk in full."""
+class BodySizeLimit:
+    """Refuse a request body over its limit (413) as it arrives, before it is spooled or parsed in full:
+    an upload may reach the upload limit, any other body `MAX_BODY_BYTES`."""
 
-    def __init__(self, app: ASGIApp, max_bytes: int, path: str = "/v1/files") -> None:
-        self.app, self.max_bytes, self.path = app, max_bytes, path
+    def __init__(
+        self, app: ASGIApp, max_bytes: int, path: str = "/v1/files", max_body_bytes: int = MAX_BODY_BYTES
+    ) -> None:
+        self.app, self.max_bytes, self.path, self.max_body_bytes = app, max_bytes, path, max_body_bytes
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http" or scope["method"] != "POST" or scope["path"].rstrip("/") != self.path:
+        if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
-        limit = self.max_bytes + MULTIPART_OVERHEAD
+        upload = scope["method"] == "POST" and scope["path"].rstrip("/") == self.path
+        limit = self.max_bytes + MULTIPART_OVERHEAD if upload else self.max_body_bytes
         declared = dict(scope["headers"]).get(b"content-length")
         if declared is not None and declared.isdigit() and int(declared) > limit:
-            response = error_response(
-                413, "file_too_large", f"the upload is larger than the {self.max_bytes}-byte limit", "file"
-            )
+            if upload:
+                message = f"the upload is larger than the {self.max_bytes}-byte limit"
+                response = error_response(413, "file_too_large", message, "file")
+            else:
+                message = f"the request body is larger than the {self.max_body_bytes}-byte limit"
+                response = error_response(413, "body_too_large", message)
             await response(scope, receive, send)
             return
         received = 0
@@ -55,7 +64,7 @@ class UploadLimit:
             message = await receive()
             received += len(message.get("body", b""))
             if received > limit:
-                raise UploadTooLarge(self.max_bytes)
+                raise UploadTooLarge(self.max_bytes) if upload else BodyTooLarge(self.max_body_bytes)
             return message
 
         await self.app(scope, counting_receive, send)
@@ -116,7 +125,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     install_error_handlers(app)
     for router in (files.router, jobs.router, outputs.router, keys.router, tenants.router, health.router):
         app.include_router(router)
-    app.add_middleware(UploadLimit, max_bytes=settings.max_upload_bytes)
+    app.add_middleware(BodySizeLimit, max_bytes=settings.max_upload_bytes)
     _add_request_context(app, settings)
     return app
 

@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import math
 from datetime import datetime
-from typing import Any, Generic, TypeVar
+from typing import Annotated, Any, Generic, TypeVar
 
+from fastapi import Path, Query
 from pydantic import BaseModel, Field
 
 from core.db import utcnow
@@ -14,6 +15,24 @@ from core.jobs.models import Checkpoint, Job, JobEvent
 from core.jobs.states import JobStatus
 
 T = TypeVar("T")
+
+# What the database columns hold: PostgreSQL INTEGER (steps) and BIGINT (event ids). A larger number in a
+# request is the caller's mistake (422), never a database error.
+INT32_MAX = 2**31 - 1
+INT64_MAX = 2**63 - 1
+
+# Ids are `<kind>_<hex>`; the pattern also keeps NUL and other control characters away from the database.
+ID_PATTERN = r"^[A-Za-z0-9_-]+$"
+ID_MAX_LENGTH = 64
+
+JobId = Annotated[str, Path(min_length=1, max_length=ID_MAX_LENGTH, pattern=ID_PATTERN)]
+FileId = Annotated[str, Path(min_length=1, max_length=ID_MAX_LENGTH, pattern=ID_PATTERN)]
+Step = Annotated[int, Path(ge=0, le=INT32_MAX, description="A training step.")]
+
+
+def cursor_query(description: str) -> Any:
+    """The `after` query parameter of the keyset-paginated lists: an id from `next_cursor`."""
+    return Query(min_length=1, max_length=ID_MAX_LENGTH, pattern=ID_PATTERN, description=description)
 
 
 def json_safe(value: Any) -> Any:

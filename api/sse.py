@@ -8,16 +8,20 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 from collections.abc import AsyncIterator
 
 from anyio import to_thread
 from sqlalchemy import select
 
+from api.errors import error_body
 from api.schemas import EventOut
 from core.db import get_sessionmaker
 from core.jobs.models import Job, JobEvent
 from core.jobs.service import list_events
 from core.jobs.states import TERMINAL_STATES
+
+logger = logging.getLogger(__name__)
 
 POLL_INTERVAL_S = 0.5
 HEARTBEAT_S = 15.0
@@ -44,6 +48,11 @@ def format_event(event: JobEvent) -> str:
     return f"id: {event.id}\nevent: {event.kind}\ndata: {json.dumps(payload, separators=(',', ':'))}\n\n"
 
 
+def format_error(code: str, message: str) -> str:
+    """An `error` event in the API's error shape: the stream ends cleanly and the client may reconnect."""
+    return f"event: error\ndata: {json.dumps(error_body(code, message), separators=(',', ':'))}\n\n"
+
+
 async def job_event_stream(
     database_url: str, job_id: str, after_id: int | None, poll_interval_s: float = POLL_INTERVAL_S
 ) -> AsyncIterator[str]:
@@ -52,7 +61,13 @@ async def job_event_stream(
     loop = asyncio.get_running_loop()
     last_sent = loop.time()
     while True:
-        events, ended = await to_thread.run_sync(_poll, database_url, job_id, after_id)
+        try:
+            events, ended = await to_thread.run_sync(_poll, database_url, job_id, after_id)
+        except Exception:
+            # The status line went out long ago: end the stream in order instead of cutting the connection.
+            logger.exception("event stream of job %s failed after event %s", job_id, after_id)
+            yield format_error("stream_failed", "the event stream failed; reconnect with Last-Event-ID")
+            return
         for event in events:
             yield format_event(event)
             after_id = event.id

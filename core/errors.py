@@ -41,6 +41,24 @@ class Unavailable(ServiceError):
     status = 503
 
 
+class StorageFull(ServiceError):
+    """The artifact storage has no room left (disk full or quota exceeded): HTTP 507."""
+
+    status = 507
+
+    def __init__(self, message: str = "the server's storage is full; try again later") -> None:
+        super().__init__("storage_full", message)
+
+
+class StorageUnavailable(ServiceError):
+    """The artifact storage failed for another reason (I/O error, read-only, permissions): HTTP 503."""
+
+    status = 503
+
+    def __init__(self, message: str = "the server's storage is unavailable; try again later") -> None:
+        super().__init__("storage_unavailable", message)
+
+
 def param_from_message(message: str) -> str | None:
     """The first dotted field path a message names: the best `param` for a whole-object validation error."""
     match = _DOTTED_FIELD.search(message)

@@ -7,7 +7,7 @@ from typing import Annotated, Literal
 from fastapi import APIRouter, Form, Query, UploadFile, status
 
 from api.deps import SessionDep, SettingsDep, TenantDep
-from api.schemas import FileDeleted, FileOut, Page
+from api.schemas import FileDeleted, FileId, FileOut, Page, cursor_query
 from core.files import service
 from core.jobs import service as jobs_service
 
@@ -39,7 +39,7 @@ def list_files(
     session: SessionDep,
     tenant: TenantDep,
     limit: Annotated[int, Query(ge=1, le=100)] = 20,
-    after: Annotated[str | None, Query(max_length=64, description="A file id from `next_cursor`.")] = None,
+    after: Annotated[str | None, cursor_query("A file id from `next_cursor`.")] = None,
 ) -> Page[FileOut]:
     """List the tenant's files, newest first."""
     rows, has_more = service.list_files(session=session, tenant_id=tenant.id, limit=limit, after=after)
@@ -49,7 +49,7 @@ def list_files(
 
 
 @router.get("/{file_id}")
-def get_file(session: SessionDep, tenant: TenantDep, file_id: str) -> FileOut:
+def get_file(session: SessionDep, tenant: TenantDep, file_id: FileId) -> FileOut:
     """Get one file's metadata."""
     return FileOut.of(
         service.get_file(session=session, tenant_id=tenant.id, file_id=file_id, param="file_id")
@@ -57,7 +57,9 @@ def get_file(session: SessionDep, tenant: TenantDep, file_id: str) -> FileOut:
 
 
 @router.delete("/{file_id}")
-def delete_file(session: SessionDep, settings: SettingsDep, tenant: TenantDep, file_id: str) -> FileDeleted:
+def delete_file(
+    session: SessionDep, settings: SettingsDep, tenant: TenantDep, file_id: FileId
+) -> FileDeleted:
     """Delete a file; refused while an active job uses it."""
     jobs_service.delete_unused_file(session=session, settings=settings, tenant_id=tenant.id, file_id=file_id)
     return FileDeleted(id=file_id)

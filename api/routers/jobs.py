@@ -7,7 +7,7 @@ from typing import Annotated
 from fastapi import APIRouter, Header, Query, Response, status
 
 from api.deps import SessionDep, SettingsDep, TenantDep
-from api.schemas import ErrorResponse, JobOut, Page
+from api.schemas import ErrorResponse, JobId, JobOut, Page, cursor_query
 from core.distill.spec import JobSpec
 from core.jobs import service
 from core.jobs.states import JobStatus
@@ -26,7 +26,9 @@ def create_job(
     session: SessionDep,
     settings: SettingsDep,
     tenant: TenantDep,
-    idempotency_key: Annotated[str | None, Header(min_length=1, max_length=255)] = None,
+    idempotency_key: Annotated[
+        str | None, Header(min_length=1, max_length=255, pattern=r"^[\x20-\x7e]+$")
+    ] = None,
 ) -> JobOut:
     """Create a distillation job; `data.train`/`data.eval` are uploaded file ids."""
     job, created = service.create_job(
@@ -42,7 +44,7 @@ def list_jobs(
     session: SessionDep,
     tenant: TenantDep,
     limit: Annotated[int, Query(ge=1, le=100)] = 20,
-    after: Annotated[str | None, Query(max_length=64, description="A job id from `next_cursor`.")] = None,
+    after: Annotated[str | None, cursor_query("A job id from `next_cursor`.")] = None,
     status: Annotated[JobStatus | None, Query(description="Only jobs in this state.")] = None,
 ) -> Page[JobOut]:
     """List the tenant's jobs, newest first."""
@@ -55,7 +57,7 @@ def list_jobs(
 
 
 @router.get("/{job_id}")
-def get_job(session: SessionDep, tenant: TenantDep, job_id: str) -> JobOut:
+def get_job(session: SessionDep, tenant: TenantDep, job_id: JobId) -> JobOut:
     """Get a job: status, progress with ETA, latest metrics and error."""
     return JobOut.of(service.get_job(session=session, tenant_id=tenant.id, job_id=job_id))
 
@@ -63,6 +65,6 @@ def get_job(session: SessionDep, tenant: TenantDep, job_id: str) -> JobOut:
 @router.post(
     "/{job_id}/cancel", responses={409: {"model": ErrorResponse, "description": "The job has ended."}}
 )
-def cancel_job(session: SessionDep, tenant: TenantDep, job_id: str) -> JobOut:
+def cancel_job(session: SessionDep, tenant: TenantDep, job_id: JobId) -> JobOut:
     """Cancel a job: a queued job at once, a running one within a few steps (`cancelling` meanwhile)."""
     return JobOut.of(service.cancel_job(session=session, tenant_id=tenant.id, job_id=job_id))

@@ -2,22 +2,38 @@
 
 from __future__ import annotations
 
+import re
 from typing import Annotated
 
 from fastapi import APIRouter, Header, Query
 from fastapi.responses import FileResponse, StreamingResponse
 
 from api.deps import SessionDep, SettingsDep, TenantDep
-from api.schemas import CheckpointOut, ErrorResponse, EventOut, MetricPoint, MetricsOut, Page, json_safe
+from api.schemas import (
+    INT32_MAX,
+    INT64_MAX,
+    CheckpointOut,
+    ErrorResponse,
+    EventOut,
+    JobId,
+    MetricPoint,
+    MetricsOut,
+    Page,
+    Step,
+    json_safe,
+)
 from api.sse import job_event_stream
 from core.archive import Archive, directory_archive
 from core.distill import layout
 from core.errors import Conflict, InvalidRequest, NotFound
 from core.jobs import service
 from core.jobs.states import JobStatus
-from core.storage import Storage
+from core.storage import Storage, storage_errors
 
 router = APIRouter(prefix="/v1/jobs/{job_id}", tags=["job outputs"])
+
+# Metric names as the trainer writes them (`loss`, `eval_rouge_l`, ...); Metric.name is 64 characters.
+_METRIC_NAME = re.compile(r"^[A-Za-z0-9_.:/-]{1,64}$")
 
 _TAR_RESPONSES = {
     200: {"content": {"application/gzip": {}}, "description": "A .tar.gz of a Hugging Face model directory."},
@@ -35,11 +51,15 @@ def list_job_events(
     session: SessionDep,
     settings: SettingsDep,
     tenant: TenantDep,
-    job_id: str,
-    after: Annotated[int | None, Query(ge=0, description="An event id; only later events.")] = None,
+    job_id: JobId,
+    after: Annotated[
+        int | None, Query(ge=0, le=INT64_MAX, description="An event id; only later events.")
+    ] = None,
     limit: Annotated[int, Query(ge=1, le=1000)] = 100,
     stream: Annotated[bool, Query(description="Stream as server-sent events until the job ends.")] = False,
-    last_event_id: Annotated[int | None, Header(ge=0)] = None,
+    last_event_id: Annotated[
+        int | None, Header(ge=0, le=INT64_MAX, description="Resume a stream after this event id.")
+    ] = None,
 ) -> Page[EventOut]:
     """A job's events in order; `stream=true` sends them as server-sent events until the job ends."""
     service.get_job(session=session, tenant_id=tenant.id, job_id=job_id)
@@ -62,15 +82,22 @@ def list_job_events(
 def job_metrics(
     session: SessionDep,
     tenant: TenantDep,
-    job_id: str,
+    job_id: JobId,
     names: Annotated[str | None, Query(max_length=2000, description="Comma-separated metric names.")] = None,
-    from_step: Annotated[int, Query(ge=0)] = 0,
+    from_step: Annotated[int, Query(ge=0, le=INT32_MAX)] = 0,
 ) -> MetricsOut:
     """Metric series by name, each as (step, value) points in step order."""
     service.get_job(session=session, tenant_id=tenant.id, job_id=job_id)
     wanted = [n.strip() for n in names.split(",") if n.strip()] if names else None
     if names is not None and not wanted:
         raise InvalidRequest("invalid_names", "names must list at least one metric name", param="names")
+    for name in wanted or ():
+        if not _METRIC_NAME.match(name):
+            raise InvalidRequest(
+                "invalid_names",
+                "a metric name is 1-64 letters, digits or _ . : / - (got one that is not)",
+                param="names",
+            )
     series = service.metric_series(session=session, job_id=job_id, names=wanted, from_step=from_step)
     return MetricsOut(
         job_id=job_id,
@@ -82,7 +109,7 @@ def job_metrics(
 
 
 @router.get("/checkpoints")
-def job_checkpoints(session: SessionDep, tenant: TenantDep, job_id: str) -> Page[CheckpointOut]:
+def job_checkpoints(session: SessionDep, tenant: TenantDep, job_id: JobId) -> Page[CheckpointOut]:
     """A job's saved checkpoints, oldest first."""
     service.get_job(session=session, tenant_id=tenant.id, job_id=job_id)
     rows = service.list_checkpoints(session=session, job_id=job_id)
@@ -100,7 +127,7 @@ def _archive_response(archive: Archive, filename: str) -> FileResponse:
 
 @router.get("/checkpoints/{step}/download", response_class=FileResponse, responses=_TAR_RESPONSES)
 def download_checkpoint(
-    session: SessionDep, settings: SettingsDep, tenant: TenantDep, job_id: str, step: int
+    session: SessionDep, settings: SettingsDep, tenant: TenantDep, job_id: JobId, step: Step
 ) -> FileResponse:
     """Download one checkpoint as a streamed .tar.gz (size and SHA-256 in the headers)."""
     service.get_job(session=session, tenant_id=tenant.id, job_id=job_id)
@@ -110,13 +137,14 @@ def download_checkpoint(
     if not directory.is_dir():
         raise NotFound("checkpoint_missing", f"the files of checkpoint {step} are gone", param="step")
     name = layout.checkpoint_download_name(step)
-    archive = directory_archive(directory, storage.job_dir(job_id) / "archives" / f"{name}.tar.gz", name)
+    with storage_errors("building the checkpoint archive"):
+        archive = directory_archive(directory, storage.job_dir(job_id) / "archives" / f"{name}.tar.gz", name)
     return _archive_response(archive, f"{job_id}-{name}.tar.gz")
 
 
 @router.get("/student", response_class=FileResponse, responses=_TAR_RESPONSES)
 def download_student(
-    session: SessionDep, settings: SettingsDep, tenant: TenantDep, job_id: str
+    session: SessionDep, settings: SettingsDep, tenant: TenantDep, job_id: JobId
 ) -> FileResponse:
     """Download the distilled student (a Hugging Face directory) as a streamed .tar.gz."""
     job = service.get_job(session=session, tenant_id=tenant.id, job_id=job_id)
@@ -129,5 +157,6 @@ def download_student(
     if not (directory / "config.json").is_file():
         raise NotFound("student_missing", "the job succeeded but its student directory is missing")
     name = layout.STUDENT_DIR
-    archive = directory_archive(directory, storage.job_dir(job_id) / "archives" / f"{name}.tar.gz", name)
+    with storage_errors("building the student archive"):
+        archive = directory_archive(directory, storage.job_dir(job_id) / "archives" / f"{name}.tar.gz", name)
     return _archive_response(archive, f"{job_id}-{name}.tar.gz")

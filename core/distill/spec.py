@@ -3,18 +3,19 @@
 The CLI reads it from YAML, the API accepts it as JSON, and every checkpoint carries a copy. Field names
 are a contract shared by the CLI, the API and stored jobs: refine types and defaults, keep the names.
 Every model forbids unknown keys so that a typo is an error naming the field, not a silently ignored
-setting.
+setting. Every number has bounds the trainer can use, numbers are finite, integers and booleans are
+strict (`true` is not `1`, `4.0` is not a step count), and every string is bounded and free of control
+characters: what the spec accepts, the trainer and both databases accept too.
 """
 
 from __future__ import annotations
 
-import math
 from pathlib import Path
 from types import MappingProxyType
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, StrictBool, StrictInt, model_validator
 
 from core.distill.losses.params import (
     DIVERGENCES,
@@ -30,14 +31,42 @@ from core.distill.losses.params import (
 LossName = Literal[LOSS_NAMES]  # type: ignore[valid-type]
 DTypeName = Literal["auto", "float32", "bfloat16", "float16"]
 
+MAX_PATH_CHARS = 4096  # PATH_MAX
+MAX_NAME_BYTES = 255  # NAME_MAX: one path component
+MAX_SEED = 2**32 - 1  # what every random generator the trainer seeds accepts
+MAX_STEPS = 10_000_000
+
+
+def _plain_text(value: str) -> str:
+    if any(ord(char) < 32 or ord(char) == 127 for char in value):
+        raise ValueError("must not hold control characters (NUL, newline, ...)")
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError as exc:  # a lone surrogate (`"\ud800"` in JSON)
+        raise ValueError("must be valid Unicode text") from exc
+    return value
+
+
+def _path_text(value: str) -> str:
+    _plain_text(value)
+    if any(len(part.encode("utf-8")) > MAX_NAME_BYTES for part in value.split("/")):
+        raise ValueError(f"each part of a path must be at most {MAX_NAME_BYTES} bytes long")
+    return value
+
+
+# A local path, a file id or a hub id.
+PathText = Annotated[str, Field(min_length=1, max_length=MAX_PATH_CHARS), AfterValidator(_path_text)]
+# Floats accept JSON integers but not booleans; non-finite values are refused by `_Spec`'s config.
+Number = Annotated[float, Field(strict=True)]
+
 
 class _Spec(BaseModel):
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, allow_inf_nan=False)
 
 
 class TeacherSpec(_Spec):
-    model: str = Field(min_length=1, description="Local Hugging Face directory, GGUF directory or hub id.")
-    gguf_file: str | None = Field(default=None, description="GGUF file name inside `model`, if any.")
+    model: PathText = Field(description="Local Hugging Face directory, GGUF directory or hub id.")
+    gguf_file: PathText | None = Field(default=None, description="GGUF file name inside `model`, if any.")
     dtype: DTypeName = Field(
         default="auto",
         description="Teacher weights' dtype: auto = bfloat16 on CUDA, float32 on CPU.",
@@ -45,10 +74,13 @@ class TeacherSpec(_Spec):
 
 
 class StudentSpec(_Spec):
-    model: str | None = Field(default=None, description="Pretrained student: directory, GGUF dir or hub id.")
-    gguf_file: str | None = None
-    from_teacher_layers: list[int] | None = Field(
+    model: PathText | None = Field(
+        default=None, description="Pretrained student: directory, GGUF dir or hub id."
+    )
+    gguf_file: PathText | None = None
+    from_teacher_layers: list[Annotated[StrictInt, Field(ge=0, le=4095)]] | None = Field(
         default=None,
+        max_length=4096,
         description="Build the student from the teacher: embeddings, final norm, head and these layers.",
     )
 
@@ -70,12 +102,12 @@ class StudentSpec(_Spec):
 
 
 class DataSpec(_Spec):
-    train: str = Field(min_length=1, description="JSONL path (CLI) or uploaded file id (API).")
-    eval: str | None = Field(default=None, description="Optional JSONL path or file id for evaluation.")
+    train: PathText = Field(description="JSONL path (CLI) or uploaded file id (API).")
+    eval: PathText | None = Field(default=None, description="Optional JSONL path or file id for evaluation.")
     format: Literal["instruction", "chat", "text"] = "instruction"
-    max_length: int = Field(default=512, ge=8, le=131072)
-    max_prompt_length: int = Field(default=256, ge=1, le=131072)
-    skip_invalid: bool = Field(default=False, description="Skip (and count) malformed records.")
+    max_length: StrictInt = Field(default=512, ge=8, le=131072)
+    max_prompt_length: StrictInt = Field(default=256, ge=1, le=131072)
+    skip_invalid: StrictBool = Field(default=False, description="Skip (and count) malformed records.")
 
     @model_validator(mode="after")
     def _prompt_fits(self) -> DataSpec:
@@ -85,7 +117,8 @@ class DataSpec(_Spec):
 
 
 def _param_field(param: LossParam) -> Any:
-    return Field(default=param.default, description=param.description, **param.bounds())
+    strict = {} if param.choices is not None else {"strict": True}
+    return Field(default=param.default, description=param.description, **strict, **param.bounds())
 
 
 class LossSpec(_Spec):
@@ -106,26 +139,10 @@ class LossSpec(_Spec):
     taid_t_start: float = _param_field(LOSS_PARAMS["t"])
     taid_beta_lr: float = _param_field(TAID_SCHEDULE_PARAMS["beta_lr"])
     taid_momentum: float = _param_field(TAID_SCHEDULE_PARAMS["momentum"])
-    fused: bool = Field(default=True, description="Use the chunked fused loss (memory-bounded).")
-    chunk_size: int | None = Field(default=None, ge=1, description="Tokens per chunk of the fused loss.")
-
-    @field_validator(
-        "alpha",
-        "ab_alpha",
-        "ab_beta",
-        "temperature",
-        "lam",
-        "beta",
-        "skew",
-        "taid_t_start",
-        "taid_beta_lr",
-        "taid_momentum",
+    fused: StrictBool = Field(default=True, description="Use the chunked fused loss (memory-bounded).")
+    chunk_size: StrictInt | None = Field(
+        default=None, ge=1, le=1 << 20, description="Tokens per chunk of the fused loss."
     )
-    @classmethod
-    def _finite(cls, value: float) -> float:
-        if not math.isfinite(value):
-            raise ValueError("must be a finite number")
-        return value
 
     def loss_config(self) -> LossConfig:
         """The loss and its parameters as the losses take them; already valid, so not checked again."""
@@ -142,33 +159,40 @@ class StrategySpec(_Spec):
     """Where each step's responses come from: the dataset, the student, or the adaptive mix."""
 
     name: Literal["off_policy", "on_policy", "adaptive"] = "off_policy"
-    replay_capacity: int = Field(default=1000, ge=1)
-    threshold_increment: float = Field(default=0.1, gt=0.0, le=1.0)
-    loss_rise_tolerance: float = Field(default=0.1, ge=0.0, description="Validation-loss rise that bumps θ.")
-    max_new_tokens: int | None = Field(default=None, ge=1, description="Default: max_length − prompt.")
-    temperature: float = Field(default=1.0, gt=0.0)
-    top_p: float = Field(default=1.0, gt=0.0, le=1.0)
+    replay_capacity: StrictInt = Field(default=1000, ge=1, le=1_000_000)
+    threshold_increment: Number = Field(default=0.1, gt=0.0, le=1.0)
+    loss_rise_tolerance: Number = Field(
+        default=0.1, ge=0.0, le=100.0, description="Validation-loss rise that bumps θ."
+    )
+    max_new_tokens: StrictInt | None = Field(
+        default=None, ge=1, le=131072, description="Default: max_length − prompt."
+    )
+    temperature: Number = Field(default=1.0, gt=0.0, le=100.0)
+    top_p: Number = Field(default=1.0, gt=0.0, le=1.0)
 
 
 class TrainingSpec(_Spec):
-    max_steps: int = Field(default=200, ge=1, le=10_000_000)
-    batch_size: int = Field(default=8, ge=1, le=4096)
-    grad_accum: int = Field(default=1, ge=1, le=4096)
-    learning_rate: float = Field(default=1.0e-4, gt=0.0, le=1.0)
+    max_steps: StrictInt = Field(default=200, ge=1, le=MAX_STEPS)
+    batch_size: StrictInt = Field(default=8, ge=1, le=4096)
+    grad_accum: StrictInt = Field(default=1, ge=1, le=4096)
+    learning_rate: Number = Field(default=1.0e-4, gt=0.0, le=1.0)
     scheduler: Literal["cosine", "linear", "constant"] = "cosine"
-    warmup_steps: int = Field(default=0, ge=0)
-    weight_decay: float = Field(default=0.01, ge=0.0)
-    max_grad_norm: float = Field(default=1.0, ge=0.0, description="0 disables clipping.")
-    seed: int = Field(default=10, ge=0)
-    checkpoint_every: int = Field(default=50, ge=0, description="0 means never (the final student is kept).")
-    eval_every: int = Field(default=50, ge=0, description="0 means never.")
+    warmup_steps: StrictInt = Field(default=0, ge=0, le=MAX_STEPS)
+    weight_decay: Number = Field(default=0.01, ge=0.0, le=1.0)
+    max_grad_norm: Number = Field(default=1.0, ge=0.0, le=1e6, description="0 disables clipping.")
+    seed: StrictInt = Field(default=10, ge=0, le=MAX_SEED)
+    checkpoint_every: StrictInt = Field(
+        default=50, ge=0, le=MAX_STEPS, description="0 means never (the final student is kept)."
+    )
+    eval_every: StrictInt = Field(default=50, ge=0, le=MAX_STEPS, description="0 means never.")
     precision: Literal["auto", "float32", "bf16"] = Field(
         default="auto", description="auto = bf16 autocast on CUDA, float32 on CPU."
     )
-    gradient_checkpointing: bool = False
-    keep_checkpoints: int | None = Field(
+    gradient_checkpointing: StrictBool = False
+    keep_checkpoints: StrictInt | None = Field(
         default=2,
         ge=1,
+        le=100_000,
         description="Keep the newest N checkpoints that verify; null keeps all. With 1, a corrupt latest "
         "checkpoint leaves nothing to resume from.",
     )
@@ -183,13 +207,15 @@ class TrainingSpec(_Spec):
 class EvaluationSpec(_Spec):
     """Validation during training: CE/KD loss on `data.eval`, ROUGE-L of generated responses."""
 
-    max_records: int = Field(default=64, ge=1, description="Eval records used per evaluation.")
-    max_new_tokens: int = Field(default=128, ge=1, le=4096)
-    do_sample: bool = False
-    temperature: float = Field(default=1.0, gt=0.0)
-    top_p: float = Field(default=1.0, gt=0.0, le=1.0)
-    batch_size: int = Field(default=8, ge=1)
-    num_samples_logged: int = Field(default=3, ge=0, le=50)
+    max_records: StrictInt = Field(
+        default=64, ge=1, le=1_000_000, description="Eval records used per evaluation."
+    )
+    max_new_tokens: StrictInt = Field(default=128, ge=1, le=4096)
+    do_sample: StrictBool = False
+    temperature: Number = Field(default=1.0, gt=0.0, le=100.0)
+    top_p: Number = Field(default=1.0, gt=0.0, le=1.0)
+    batch_size: StrictInt = Field(default=8, ge=1, le=4096)
+    num_samples_logged: StrictInt = Field(default=3, ge=0, le=50)
 
 
 class JobSpec(_Spec):
@@ -197,7 +223,7 @@ class JobSpec(_Spec):
     student: StudentSpec
     data: DataSpec
     loss: LossSpec = Field(default_factory=LossSpec)
-    kd_ratio: float = Field(default=1.0, ge=0.0, le=1.0, description="kd_ratio·KD + (1 − kd_ratio)·CE.")
+    kd_ratio: Number = Field(default=1.0, ge=0.0, le=1.0, description="kd_ratio·KD + (1 − kd_ratio)·CE.")
     strategy: StrategySpec = Field(default_factory=StrategySpec)
     training: TrainingSpec = Field(default_factory=TrainingSpec)
     evaluation: EvaluationSpec = Field(default_factory=EvaluationSpec)

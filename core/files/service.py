@@ -18,11 +18,35 @@ from core.distill.data_formats import inspect_jsonl
 from core.errors import InvalidRequest, NotFound, PayloadTooLarge
 from core.files.models import File
 from core.pagination import newest_first_page
-from core.storage import Storage
+from core.storage import Storage, storage_errors
 
 CHUNK_BYTES = 1 << 20
 PURPOSES = ("train", "eval")
 MAX_REPORTED_LINES = 20
+MAX_FILENAME_CHARS = 255  # File.filename's column
+
+
+def _clean_filename(filename: str) -> str:
+    """The base name of an uploaded file's name (a browser may send a client path); refused (422) when it
+    holds control characters (NUL, newlines), is not valid Unicode text or is longer than the column."""
+    name = filename.replace("\\", "/").rsplit("/", 1)[-1]
+    if any(ord(char) < 32 or ord(char) == 127 for char in filename):
+        raise InvalidRequest(
+            "invalid_filename", "the file name holds control characters (NUL, newline, ...)", param="file"
+        )
+    try:
+        name.encode("utf-8")
+    except UnicodeEncodeError as exc:
+        raise InvalidRequest(
+            "invalid_filename", "the file name is not valid UTF-8 text", param="file"
+        ) from exc
+    if len(name) > MAX_FILENAME_CHARS:
+        raise InvalidRequest(
+            "invalid_filename",
+            f"the file name is longer than {MAX_FILENAME_CHARS} characters ({len(name)})",
+            param="file",
+        )
+    return name if name not in ("", ".", "..") else "upload.jsonl"
 
 
 def _lines_while_copying(
@@ -65,32 +89,36 @@ def store_upload(
         raise InvalidRequest(
             "invalid_purpose", f"purpose must be one of {', '.join(PURPOSES)}", param="purpose"
         )
+    name = _clean_filename(filename)
     storage = Storage(settings.artifacts)
-    scratch = storage.root / "tmp"
-    scratch.mkdir(parents=True, exist_ok=True)
-    digest = hashlib.sha256()
-    handle, temp_name = tempfile.mkstemp(dir=scratch, suffix=".upload")
-    temp_path = Path(temp_name)
-    try:
-        with os.fdopen(handle, "wb") as sink:
-            report = inspect_jsonl(_lines_while_copying(source, sink, digest, settings.max_upload_bytes))
-            size = sink.tell()
-        if report.invalid_count:
-            raise InvalidRequest(
-                "invalid_file", _describe_invalid(report.invalid_lines, report.invalid_count), param="file"
-            )
-        if report.records == 0:
-            raise InvalidRequest("empty_file", "the file holds no records", param="file")
-        file_id = new_id("file")
-        final_path = storage.file_path(tenant_id, file_id)
-        final_path.parent.mkdir(parents=True, exist_ok=True)
-        os.replace(temp_path, final_path)
-    finally:
-        temp_path.unlink(missing_ok=True)
+    with storage_errors("storing the upload"):
+        scratch = storage.root / "tmp"
+        scratch.mkdir(parents=True, exist_ok=True)
+        digest = hashlib.sha256()
+        handle, temp_name = tempfile.mkstemp(dir=scratch, suffix=".upload")
+        temp_path = Path(temp_name)
+        try:
+            with os.fdopen(handle, "wb") as sink:
+                report = inspect_jsonl(_lines_while_copying(source, sink, digest, settings.max_upload_bytes))
+                size = sink.tell()
+            if report.invalid_count:
+                raise InvalidRequest(
+                    "invalid_file",
+                    _describe_invalid(report.invalid_lines, report.invalid_count),
+                    param="file",
+                )
+            if report.records == 0:
+                raise InvalidRequest("empty_file", "the file holds no records", param="file")
+            file_id = new_id("file")
+            final_path = storage.file_path(tenant_id, file_id)
+            final_path.parent.mkdir(parents=True, exist_ok=True)
+            os.replace(temp_path, final_path)
+        finally:
+            temp_path.unlink(missing_ok=True)
     row = File(
         id=file_id,
         tenant_id=tenant_id,
-        filename=(Path(filename).name or "upload.jsonl")[:255],
+        filename=name,
         purpose=purpose,
         size_bytes=size,
         sha256=digest.hexdigest(),

@@ -43,7 +43,9 @@ class LossParam:
 LOSS_PARAMS: Mapping[str, LossParam] = MappingProxyType(
     {
         "temperature": LossParam(1.0, "Softmax temperature of both models' logits.", gt=0.0, le=100.0),
-        "alpha": LossParam(0.5, "AMiD mixture α (any real number)."),
+        # α and the α-β pair are exponents: bounded at ±100 (the numerics tests go to ±40), so that a typo
+        # like 1e30 is refused when the job is submitted instead of failing as a NaN loss mid-training.
+        "alpha": LossParam(0.5, "AMiD mixture α (a real number in [-100, 100]).", ge=-100.0, le=100.0),
         "lam": LossParam(0.1, "AMiD teacher weight λ in [0, 1].", ge=0.0, le=1.0),
         "divergence": LossParam(
             "kl", "AMiD's divergence between the models and the assistant.", choices=DIVERGENCES
@@ -51,8 +53,8 @@ LOSS_PARAMS: Mapping[str, LossParam] = MappingProxyType(
         "order": LossParam(
             "pr", "AMiD's argument order (p, q: teacher, student; r: assistant).", choices=ORDERS
         ),
-        "ab_alpha": LossParam(0.2, "α-β divergence's α (not the mixture α)."),
-        "ab_beta": LossParam(0.7, "α-β divergence's β."),
+        "ab_alpha": LossParam(0.2, "α-β divergence's α (not the mixture α).", ge=-100.0, le=100.0),
+        "ab_beta": LossParam(0.7, "α-β divergence's β.", ge=-100.0, le=100.0),
         "beta": LossParam(0.5, "Generalized JSD weight on the teacher.", ge=0.0, le=1.0),
         "skew": LossParam(0.1, "DistiLLM skew for skl / srkl.", ge=0.0, le=1.0),
         "t": LossParam(
@@ -80,7 +82,7 @@ LOSS_NAMES: tuple[str, ...] = tuple(LOSS_TAKES)
 # TAID's schedule of t (TaidInterpolation), beside the loss's own `t`.
 TAID_SCHEDULE_PARAMS: Mapping[str, LossParam] = MappingProxyType(
     {
-        "beta_lr": LossParam(5e-4, "TAID's adaptive step size for t.", ge=0.0),
+        "beta_lr": LossParam(5e-4, "TAID's adaptive step size for t.", ge=0.0, le=1.0),
         "momentum": LossParam(0.99, "TAID's momentum of the relative loss change.", ge=0.0, lt=1.0),
     }
 )
