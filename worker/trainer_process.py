@@ -29,8 +29,12 @@ from worker.progress import DatabaseCallbacks
 # ---------------------------------------------------------------------------------------- error codes
 def error_code(exc: BaseException, *, started: bool) -> str:
     """The stable code a failed job reports for `exc` (see the API's error documentation)."""
+    from core.distill.checkpoint import is_storage_full
     from core.distill.trainer import TrainingError
 
+    if is_storage_full(exc):
+        # `StorageFullError` names what was being written; a bare ENOSPC from elsewhere is still this.
+        return "storage_full"
     if isinstance(exc, DataError):
         return "invalid_data"
     if isinstance(exc, TokenizerMismatchError):

@@ -134,7 +134,7 @@ def set_aside_checkpoint(path: Path) -> Path:
 # ------------------------------------------------------------------------------------------ verifying
 # Checkpoints this process hashed (while writing or verifying) with the stat signature they had then: a
 # resume verifies the checkpoint it picked again, which need not read gigabytes of weights twice.
-_verified: dict[str, tuple[tuple[str, int, int, int], ...]] = {}
+_verified: dict[str, tuple[tuple[str, int, int, int, int], ...]] = {}
 
 
 def verify_checkpoint(path: Path) -> str | None:
@@ -197,9 +197,10 @@ def _relative_files(path: Path) -> dict[str, Path]:
     return {p.relative_to(path).as_posix(): p for p in path.rglob("*") if not p.is_dir()}
 
 
-def _signature(path: Path, present: dict[str, Path]) -> tuple[tuple[str, int, int, int], ...]:
+def _signature(path: Path, present: dict[str, Path]) -> tuple[tuple[str, int, int, int, int], ...]:
+    # ctime changes on every write and cannot be set back (unlike mtime); a rename keeps all of these.
     stats = {name: file.stat() for name, file in present.items()}
-    return tuple(sorted((n, s.st_size, s.st_mtime_ns, s.st_ino) for n, s in stats.items()))
+    return tuple(sorted((n, s.st_size, s.st_mtime_ns, s.st_ctime_ns, s.st_ino) for n, s in stats.items()))
 
 
 def _sha256(file: Path, *, sync: bool = False) -> str:
@@ -240,7 +241,7 @@ def save_checkpoint(
             if tmp.exists():
                 shutil.rmtree(tmp)
             save_student(student, tokenizer, tmp)
-            _write_trainer_state(tmp, trainer_state)
+            write_trainer_state(tmp, trainer_state)
             (tmp / SPEC_FILE).write_text(spec.model_dump_json(indent=2), encoding="utf-8")
             _write_manifest(tmp, step)
             if final.exists():
@@ -343,7 +344,8 @@ def set_rng_state(state: dict[str, Any]) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
-def _write_trainer_state(directory: Path, state: dict[str, Any]) -> None:
+def write_trainer_state(directory: Path, state: dict[str, Any]) -> None:
+    """`state` as `trainer_state.safetensors` (its tensors) and `trainer_state.json` (the rest)."""
     tensors: dict[str, torch.Tensor] = {}
     encoded = _encode(state, "state", tensors)
     safetensors.torch.save_file(tensors, directory / STATE_TENSORS)
