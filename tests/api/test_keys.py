@@ -214,3 +214,15 @@ def test_admin_keys_create_tenants_and_manage_every_tenants_keys(live_api: LiveA
     with live_api.client(plain_in_admin_tenant) as plain:
         assert_error(plain.post(f"/v1/keys/{second_admin['id']}/rotate"), 403, "forbidden", "key_id")
         assert_error(plain.delete(f"/v1/keys/{second_admin['id']}"), 403, "forbidden", "key_id")
+
+
+def test_a_bootstrap_key_from_before_scopes_becomes_admin(live_api: LiveApi) -> None:
+    plaintext = _admin_key(live_api)
+    with live_api.session() as session:
+        key = ensure_bootstrap_key(session, plaintext)
+        key.scopes = ""  # as stored before migration 0002
+        session.commit()
+        assert ensure_bootstrap_key(session, plaintext).scopes == "admin"
+        key.revoked_at = utcnow()
+        session.commit()
+        assert ensure_bootstrap_key(session, plaintext).revoked_at is not None  # revoked stays revoked
