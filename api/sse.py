@@ -28,19 +28,17 @@ HEARTBEAT_S = 15.0
 BATCH = 500
 
 
-def _is_end(event: JobEvent) -> bool:
-    status = (event.data or {}).get("status") if event.kind == "status" else None
-    return status in {state.value for state in TERMINAL_STATES}
-
-
 def _poll(database_url: str, job_id: str, after_id: int | None) -> tuple[list[JobEvent], bool]:
-    """New events and whether the job has ended with nothing left to send."""
+    """New events and whether the job has ended with nothing left to send.
+
+    The status is read first: the events written with (or before) a final status are then among those
+    read next. The stream ends on the job's current status, not on a final status event, since a failed
+    or cancelled job may be resumed after it.
+    """
     with get_sessionmaker(database_url)() as session:
-        events, _ = list_events(session=session, job_id=job_id, after_id=after_id, limit=BATCH)
-        if events:
-            return events, False
         status = session.scalar(select(Job.status).where(Job.id == job_id))
-        return [], status is None or status in TERMINAL_STATES
+        events, _ = list_events(session=session, job_id=job_id, after_id=after_id, limit=BATCH)
+        return events, not events and (status is None or status in TERMINAL_STATES)
 
 
 def format_event(event: JobEvent) -> str:
@@ -56,7 +54,7 @@ def format_error(code: str, message: str) -> str:
 async def job_event_stream(
     database_url: str, job_id: str, after_id: int | None, poll_interval_s: float = POLL_INTERVAL_S
 ) -> AsyncIterator[str]:
-    """The SSE body: events after `after_id` as they are written, until the job's final status event."""
+    """The SSE body: events after `after_id` as they are written, until the job has ended and all are sent."""
     yield "retry: 2000\n: connected\n\n"
     loop = asyncio.get_running_loop()
     last_sent = loop.time()
@@ -72,8 +70,6 @@ async def job_event_stream(
             yield format_event(event)
             after_id = event.id
             last_sent = loop.time()
-            if _is_end(event):
-                return
         if ended:
             return
         if events:

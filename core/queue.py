@@ -65,5 +65,28 @@ def celery_client(settings: Settings) -> Celery:
 
 
 def enqueue_job(settings: Settings, job_id: str) -> None:
-    """Send the run-job task; call only after the job row is committed."""
+    """Send the run-job task; call only after the job row is committed (with its `enqueued_at` set)."""
     celery_client(settings).send_task(RUN_JOB_TASK, args=[job_id], queue=settings.task_queue)
+
+
+def queue_depth(settings: Settings, *, timeout_s: float = 5.0) -> int:
+    """How many messages wait in the job queue (not counting those a worker holds); raises when the broker
+    does not answer within about `timeout_s`.
+
+    A passive declare reads the depth the same way on every kombu transport (Redis: the list's length;
+    the SQL broker: its visible rows). Redis deletes an empty list, which a passive declare reports as a
+    missing queue: that is a depth of 0.
+    """
+    from kombu import Connection
+    from kombu.exceptions import ChannelError
+
+    options = dict(celery_config(settings).get("broker_transport_options") or {})  # type: ignore[call-overload]
+    if settings.broker_url.startswith(("redis://", "rediss://")):
+        options |= {"socket_connect_timeout": timeout_s, "socket_timeout": timeout_s}
+    with Connection(settings.broker_url, connect_timeout=timeout_s, transport_options=options) as connection:
+        connection.ensure_connection(max_retries=0, timeout=timeout_s)
+        try:
+            declared = connection.default_channel.queue_declare(queue=settings.task_queue, passive=True)
+        except ChannelError:
+            return 0
+        return int(declared.message_count)

@@ -1,5 +1,12 @@
 """Trainer callbacks that report a job's progress to the database: metrics, events, checkpoints, and
-whether the job is still this worker's to run."""
+whether the job is still this worker's to run.
+
+Exactly once per step across attempts: every metric, and every event logged while training (evaluations,
+checkpoints, stops, the end), carries its step. A new attempt owns every step after the one it resumes
+from; when it starts, it deletes what earlier attempts logged for those steps, so nothing of a dead attempt
+past the resume point survives and nothing is counted twice. Steps up to the resume point were written
+before their checkpoint existed (see `on_step`), so they are complete and are not logged again.
+"""
 
 from __future__ import annotations
 
@@ -9,12 +16,12 @@ import time
 from pathlib import Path
 from typing import Any
 
-from sqlalchemy import delete, insert, select, update
+from sqlalchemy import and_, delete, insert, or_, select, update
 
 from core.db import get_sessionmaker, utcnow
 from core.distill.callbacks import TrainerCallbacks
 from core.jobs.lifecycle import add_event
-from core.jobs.models import Checkpoint, Job, Metric
+from core.jobs.models import Checkpoint, Job, JobEvent, Metric
 from core.jobs.states import ACTIVE_STATES, JobStatus
 from core.storage import Storage
 from worker.job_files import JobFiles
@@ -55,27 +62,47 @@ class DatabaseCallbacks(TrainerCallbacks):
         self._stop_requested = False
         self._owned = True
         self.started = False
+        self._start_step = 0
+        self._start_event_id = 0
+        # (step, metric names) of an evaluation that replaces earlier ones of its step (see on_eval).
+        self._replace_eval: tuple[int, list[str]] | None = None
 
     # ----------------------------------------------------------------------------- trainer interface
     def on_start(self, *, total_steps: int, start_step: int) -> None:
         self.started = True
-        self._step = start_step
+        self._step = self._start_step = start_step
         with self._sessions.begin() as session:
-            if not self._claim_write(session, total_steps=total_steps):
+            if not self._claim_write(session, total_steps=total_steps, current_step=start_step):
                 return
+            self._forget_steps_from(session, start_step)
             if start_step > 0:
-                # Steps after the checkpoint were logged by the lost attempt and are about to run again.
-                session.execute(delete(Metric).where(Metric.job_id == self._job_id, Metric.step > start_step))
                 message = f"resumed from step {start_step} of {total_steps}"
             else:
                 message = f"training started: {total_steps} steps"
-            add_event(
+            start = add_event(
                 session,
                 job_id=self._job_id,
                 kind="start",
                 message=message,
                 data={"start_step": start_step, "total_steps": total_steps},
             )
+            self._start_event_id = start.id
+
+    def _forget_steps_from(self, session: Any, start_step: int) -> None:
+        """Delete what earlier attempts logged for the steps this attempt is about to run again.
+
+        Resuming after step s re-runs steps s+1...; starting afresh re-runs everything, including the
+        step-0 baseline evaluation. Logged again *at* s are the end (`done`), when the resumed checkpoint
+        is the last step, and an evaluation of step s that a stop interrupted (see `on_eval`). Checkpoint
+        rows after s point at checkpoints the trainer did not resume from (unverifiable ones); it writes its
+        own as it gets there.
+        """
+        job = self._job_id
+        first = start_step + 1 if start_step > 0 else 0
+        again = or_(JobEvent.step >= first, and_(JobEvent.kind == "done", JobEvent.step == start_step))
+        session.execute(delete(Metric).where(Metric.job_id == job, Metric.step >= first))
+        session.execute(delete(JobEvent).where(JobEvent.job_id == job, JobEvent.step.is_not(None), again))
+        session.execute(delete(Checkpoint).where(Checkpoint.job_id == job, Checkpoint.step > start_step))
 
     def on_step(self, step: int, metrics: dict[str, float]) -> None:
         self._record(step, metrics)
@@ -86,6 +113,10 @@ class DatabaseCallbacks(TrainerCallbacks):
             self.flush()
 
     def on_eval(self, step: int, metrics: dict[str, float], samples: list[dict[str, Any]]) -> None:
+        if step == self._start_step > 0:
+            # A resumed run evaluates its start step only when a stop interrupted that evaluation before
+            # the checkpoint; an attempt that died after it may have logged it all the same: replace it.
+            self._replace_eval = (step, list(metrics))
         self._record(step, metrics)
         finite = {k: v for k, v in metrics.items() if _finite(v)}
         self.flush(
@@ -93,7 +124,8 @@ class DatabaseCallbacks(TrainerCallbacks):
                 "eval",
                 f"evaluation at step {step}",
                 {"step": step, "metrics": finite, "samples": samples},
-            )
+            ),
+            step=step,
         )
 
     def on_checkpoint(self, step: int, path: Path, metrics: dict[str, float]) -> None:
@@ -102,7 +134,7 @@ class DatabaseCallbacks(TrainerCallbacks):
 
     def on_resume(self, step: int, path: Path) -> None:
         """Resuming from `path`: make sure it is listed (a lost attempt may have died before recording it)."""
-        self.on_event("resume", f"resuming from the checkpoint of step {step}")
+        self.flush(event=("resume", f"resuming from the checkpoint of step {step}", None), step=step)
         self._record_checkpoint(step, path, {}, replace=False)
 
     def _record_checkpoint(self, step: int, path: Path, metrics: dict[str, float], *, replace: bool) -> None:
@@ -136,11 +168,15 @@ class DatabaseCallbacks(TrainerCallbacks):
                     kind="checkpoint",
                     message=f"checkpoint saved at step {step}",
                     data={"step": step, "size_bytes": size},
+                    step=step,
                 )
 
     def on_event(self, kind: str, message: str) -> None:
-        # Paths inside the artifacts volume mean nothing to the API's users; keep them relative.
-        self.flush(event=(kind, message.replace(f"{self._storage.root}{os.sep}", ""), None))
+        # Paths inside the artifacts volume mean nothing to the API's users; keep them relative. Events
+        # while training (a strategy change, a stop, the end) belong to the current step; set-up events
+        # (loading, data counts) to the attempt.
+        message = message.replace(f"{self._storage.root}{os.sep}", "")
+        self.flush(event=(kind, message, None), step=self._step if self.started else None)
 
     def should_stop(self) -> bool:
         now = time.monotonic()
@@ -152,8 +188,11 @@ class DatabaseCallbacks(TrainerCallbacks):
         return self._stop_requested or not self._owned
 
     # ------------------------------------------------------------------------------------------ writes
-    def flush(self, event: tuple[str, str, dict[str, Any] | None] | None = None) -> None:
-        """Write buffered metrics, the job's progress and `event` in one transaction."""
+    def flush(
+        self, event: tuple[str, str, dict[str, Any] | None] | None = None, *, step: int | None = None
+    ) -> None:
+        """Write buffered metrics, the job's progress and `event` (of training step `step`) in one
+        transaction."""
         self._last_flush = time.monotonic()
         rows, self._pending = self._pending, []
         if not self._owned:
@@ -164,11 +203,25 @@ class DatabaseCallbacks(TrainerCallbacks):
                 progress = {"current_step": self._step, "latest_metrics": dict(self._latest)}
             if not self._claim_write(session, **progress):
                 return
+            if self._replace_eval is not None:
+                self._forget_evaluation(session, *self._replace_eval)
+                self._replace_eval = None
             if rows:
                 session.execute(insert(Metric), rows)
             if event is not None:
                 kind, message, data = event
-                add_event(session, job_id=self._job_id, kind=kind, message=message, data=data)
+                add_event(session, job_id=self._job_id, kind=kind, message=message, data=data, step=step)
+
+    def _forget_evaluation(self, session: Any, step: int, names: list[str]) -> None:
+        """Delete earlier attempts' evaluation of `step`: its metrics, its event and strategy changes."""
+        job = self._job_id
+        session.execute(
+            delete(Metric).where(Metric.job_id == job, Metric.step == step, Metric.name.in_(names))
+        )
+        earlier = or_(
+            JobEvent.kind == "eval", and_(JobEvent.kind == "strategy", JobEvent.id < self._start_event_id)
+        )
+        session.execute(delete(JobEvent).where(JobEvent.job_id == job, JobEvent.step == step, earlier))
 
     def _record(self, step: int, metrics: dict[str, float]) -> None:
         self._step = step

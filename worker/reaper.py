@@ -1,12 +1,19 @@
-"""The stale-job reaper: finds jobs whose worker stopped sending heartbeats (kill -9, a lost machine) and
-re-queues them (their next attempt resumes from the last checkpoint) or, after `max_attempts`, fails them.
+"""The reaper: recovers jobs that nobody is working on.
 
-Every change is a conditional UPDATE that re-checks the heartbeat is still stale, so a worker that comes
-back in the meantime keeps its job, and two reapers never act twice on one job. Re-queued jobs are sent to
-the broker after the commit.
+- Stale jobs: a running job whose worker stopped sending heartbeats (kill -9, a lost machine) is
+  re-queued (its next attempt resumes from the last checkpoint) or, after `max_attempts`, failed.
+  Every change is a conditional UPDATE that re-checks the heartbeat is still stale, so a worker that comes
+  back in the meantime keeps its job, and two reapers never act twice on one job.
+- Lost messages: a job `queued` for longer than `requeue_after_s` whose message the broker no longer holds
+  (Redis restarted without persistence, a delivery acked by a worker that could not reach the database)
+  is sent again. Which messages are gone cannot be told, only how many wait: when the queue holds fewer
+  messages than there are queued jobs, every job that has waited that long is sent again. A duplicate is
+  harmless, since a worker's claim is atomic and a second delivery of a claimed job is a no-op; a long
+  queue that lost nothing is never flooded with duplicates. `enqueued_at` is moved forward by a
+  conditional UPDATE first, so of two reapers only one sends.
 
-Not done: a job left `queued` because its message was lost (the broker was down when the API enqueued it)
-is not re-sent; re-sending queued jobs by age would flood a long queue with duplicates.
+Messages are sent after the commit. A send that fails leaves the job queued: it is sent again
+`requeue_after_s` later.
 """
 
 from __future__ import annotations
@@ -16,14 +23,14 @@ import threading
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 
-from sqlalchemy import or_, select
+from sqlalchemy import func, or_, select, update
 
 from core.config import Settings
 from core.db import session_scope, utcnow
-from core.jobs.lifecycle import transition
+from core.jobs.lifecycle import add_event, transition
 from core.jobs.models import Job
 from core.jobs.states import ACTIVE_STATES, JobStatus
-from core.queue import enqueue_job
+from core.queue import enqueue_job, queue_depth
 
 log = logging.getLogger(__name__)
 
@@ -33,24 +40,34 @@ class ReapCounts:
     requeued: int = 0
     failed: int = 0
     cancelled: int = 0
+    resent: int = 0
 
     @property
     def total(self) -> int:
-        return self.requeued + self.failed + self.cancelled
+        return self.requeued + self.failed + self.cancelled + self.resent
 
 
 def reap_once(settings: Settings, *, now: datetime | None = None) -> ReapCounts:
-    """Handle every running or cancelling job whose heartbeat is older than `stale_after_s`."""
+    """Handle every running or cancelling job whose heartbeat is older than `stale_after_s`, then send
+    again the messages of queued jobs the broker lost."""
     now = now or utcnow()
+    counts = _reap_stale(settings, now)
+    counts.resent = len(resend_lost(settings, now=now))
+    if counts.total:
+        log.info("reaper: %s", counts)
+    return counts
+
+
+def _reap_stale(settings: Settings, now: datetime) -> ReapCounts:
     cutoff = now - timedelta(seconds=settings.stale_after_s)
     stale = or_(Job.heartbeat_at.is_(None), Job.heartbeat_at < cutoff)
     counts = ReapCounts()
     requeued: list[str] = []
     with session_scope(settings.database_url) as session:
         rows = session.execute(
-            select(Job.id, Job.status, Job.attempts, Job.max_attempts, Job.worker_id).where(
-                Job.status.in_(ACTIVE_STATES), stale
-            )
+            select(Job.id, Job.status, Job.attempts, Job.max_attempts, Job.worker_id)
+            .where(Job.status.in_(ACTIVE_STATES), stale)
+            .order_by(Job.id)  # two reapers lock the rows they change in the same order
         ).all()
         for job_id, status, attempts, max_attempts, worker_id in rows:
             still_stale = [
@@ -79,6 +96,7 @@ def reap_once(settings: Settings, *, now: datetime | None = None) -> ReapCounts:
                     message=f"{lost}, re-queued (attempt {attempts + 1} of {max_attempts})",
                     worker_id=None,
                     heartbeat_at=None,
+                    enqueued_at=now,
                 ):
                     counts.requeued += 1
                     requeued.append(job_id)
@@ -103,18 +121,75 @@ def reap_once(settings: Settings, *, now: datetime | None = None) -> ReapCounts:
         try:
             enqueue_job(settings, job_id)
         except Exception:
-            # The job stays queued; it runs when its message can be sent (see the module note).
+            # The job stays queued; its message is sent again later (see the module note).
             log.exception("could not enqueue re-queued job %s", job_id)
-    if counts.total:
-        log.info("reaper: %s", counts)
     return counts
+
+
+def resend_lost(settings: Settings, *, now: datetime | None = None) -> list[str]:
+    """Send again the jobs queued for more than `requeue_after_s` when the broker's queue holds fewer
+    messages than there are queued jobs; returns the ids sent."""
+    now = now or utcnow()
+    cutoff = now - timedelta(seconds=settings.requeue_after_s)
+    # Jobs queued before `enqueued_at` existed count from their creation.
+    waiting = (Job.status == JobStatus.QUEUED, func.coalesce(Job.enqueued_at, Job.created_at) < cutoff)
+    with session_scope(settings.database_url) as session:
+        candidates = list(session.scalars(select(Job.id).where(*waiting).order_by(Job.created_at, Job.id)))
+        if not candidates:
+            return []
+        queued = session.scalar(select(func.count()).select_from(Job).where(Job.status == JobStatus.QUEUED))
+    try:
+        depth = queue_depth(settings)
+    except Exception as exc:  # nothing could be sent either
+        log.warning("reaper: the broker's queue cannot be read (%s); nothing re-sent", exc)
+        return []
+    if depth >= (queued or 0):
+        return []  # every queued job's message may still be waiting: a long queue, not a lost one
+    waited = f"{settings.requeue_after_s:g} s"
+    taken: list[str] = []
+    with session_scope(settings.database_url) as session:
+        for job_id in candidates:
+            moved = session.execute(
+                update(Job)
+                .where(Job.id == job_id, *waiting)
+                .values(enqueued_at=now)
+                .execution_options(synchronize_session=False)
+            ).rowcount
+            if moved == 1:
+                taken.append(job_id)
+                add_event(
+                    session,
+                    job_id=job_id,
+                    kind="queue",
+                    message=(
+                        f"still queued after {waited}, and the broker holds fewer messages ({depth}) than "
+                        f"there are queued jobs ({queued}): its message was sent again"
+                    ),
+                    data={"queue_depth": depth, "queued_jobs": queued},
+                )
+    sent = []
+    for job_id in taken:
+        try:
+            enqueue_job(settings, job_id)
+        except Exception:
+            log.exception("could not send queued job %s again", job_id)
+            continue
+        sent.append(job_id)
+    if sent:
+        log.warning(
+            "reaper: the broker held %d messages for %d queued jobs; sent %d again", depth, queued, len(sent)
+        )
+    return sent
 
 
 def run_reaper(settings: Settings, stop: threading.Event | None = None) -> None:
     """Call `reap_once` every `reaper_interval_s` until `stop` is set (forever without one)."""
     stop = stop or threading.Event()
     log.info(
-        "reaper started: stale after %g s, every %g s", settings.stale_after_s, settings.reaper_interval_s
+        "reaper started: stale after %g s, lost messages re-sent after %g s, every %g s",
+        settings.stale_after_s,
+        settings.requeue_after_s,
+        settings.reaper_interval_s,
     )
     while not stop.is_set():
         try:

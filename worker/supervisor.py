@@ -3,14 +3,17 @@ heartbeats, turn a cancellation into a stop request (then a kill), and record ho
 
 The trainer runs in its own process (`python -m worker.trainer_process`), so that a crash, a leak or GPU
 memory never outlives the job, and a stuck trainer can be killed. They talk through the job directory
-(`worker.job_files`). This module imports no torch.
+(`worker.job_files`). This module imports no torch (but after a crash, to verify the checkpoint a retry
+would resume from).
 
 How an attempt ends:
 - the trainer exits 0 after training to the end → `succeeded`; after a stop request → `cancelled`;
 - the trainer writes `error.json` (bad data, non-finite loss, a model that does not load) → `failed` with
   that code and message. Such errors would recur, so they are never retried;
-- the trainer dies without a word (killed by a signal, e.g. the kernel's OOM killer) → `failed` with code
-  `trainer_crashed`: not re-queued either, since the same job would most likely crash again;
+- the trainer dies without a word (killed by a signal, e.g. the kernel's OOM killer, or a segfault) → with
+  a usable checkpoint on disk and attempts left, the job is re-queued and its next attempt resumes from
+  that checkpoint (a crash may be the machine's, not the job's); otherwise `failed` with code
+  `trainer_crashed` (a job that crashes before its first checkpoint would most likely crash again);
 - the worker itself vanishes (kill -9, machine lost) → its trainer dies with it (PR_SET_PDEATHSIG) and the
   reaper re-queues the job, whose next attempt resumes from the last checkpoint.
 """
@@ -42,13 +45,14 @@ from core.files import service as files_service
 from core.jobs.lifecycle import add_event, transition
 from core.jobs.models import Job
 from core.jobs.states import ACTIVE_STATES, JobStatus, sources_of
+from core.queue import enqueue_job
 from core.storage import Storage
 from worker import process as process_control
 from worker.job_files import JobFiles
 
 log = logging.getLogger(__name__)
 
-Outcome = Literal["not_claimed", "succeeded", "failed", "cancelled", "lost"]
+Outcome = Literal["not_claimed", "succeeded", "failed", "cancelled", "requeued", "lost"]
 
 
 class JobSetupError(Exception):
@@ -65,6 +69,7 @@ class _Attempt:
     job_id: str
     worker_id: str
     number: int
+    max_attempts: int
     files: JobFiles
 
 
@@ -115,7 +120,8 @@ def _claim(job_id: str, settings: Settings, worker_id: str) -> _Attempt | None:
             message=f"attempt {attempts} of {max_attempts} started on worker {worker_id}",
             data={"attempt": attempts, "max_attempts": max_attempts, "worker_id": worker_id},
         )
-    return _Attempt(job_id, worker_id, attempts, JobFiles(Storage(settings.artifacts).job_dir(job_id)))
+    files = JobFiles(Storage(settings.artifacts).job_dir(job_id))
+    return _Attempt(job_id, worker_id, attempts, max_attempts, files)
 
 
 def _prepare(attempt: _Attempt, settings: Settings) -> Path:
@@ -272,7 +278,57 @@ def _record_end(attempt: _Attempt, settings: Settings, returncode: int, log_path
         return _finish_failed(
             attempt, settings, "training_error", "the trainer stopped early without a stop request"
         )
-    return _finish_failed(attempt, settings, "trainer_crashed", _crash_message(returncode), log_path)
+    return _crashed(attempt, settings, returncode, log_path)
+
+
+def _crashed(attempt: _Attempt, settings: Settings, returncode: int, log_path: Path) -> Outcome:
+    """The trainer died without a word: re-queue the job to resume from its last usable checkpoint while
+    it has attempts left; fail it otherwise."""
+    message = _crash_message(returncode)
+    step = _resumable_step(attempt.files.root)
+    if step is None or attempt.number >= attempt.max_attempts:
+        if step is not None:
+            message += f" (on each of its {attempt.number} attempts)"
+        return _finish_failed(attempt, settings, "trainer_crashed", message, log_path)
+    _add_event(attempt, settings, "log", "the trainer's last output", {"tail": _tail(log_path)})
+    with session_scope(settings.database_url) as session:
+        requeued = transition(
+            session,
+            job_id=attempt.job_id,
+            target=JobStatus.QUEUED,
+            expected=[JobStatus.RUNNING],
+            where=[Job.worker_id == attempt.worker_id],
+            message=(
+                f"{message}; re-queued to resume from the checkpoint of step {step} "
+                f"(attempt {attempt.number + 1} of {attempt.max_attempts})"
+            ),
+            worker_id=None,
+            heartbeat_at=None,
+            enqueued_at=utcnow(),
+        )
+    if not requeued:  # cancelled or taken away in the meantime
+        return "lost"
+    log.warning("job %s: %s; re-queued from step %d", attempt.job_id, message, step)
+    try:
+        enqueue_job(settings, attempt.job_id)
+    except Exception:
+        # It stays queued; the reaper sends it again once it has waited `requeue_after_s`.
+        log.exception("job %s: could not send the re-queued job", attempt.job_id)
+    return "requeued"
+
+
+def _resumable_step(job_dir: Path) -> int | None:
+    """The step of the newest checkpoint in `job_dir` that verifies, or None."""
+    try:
+        # Loads torch, which this process otherwise never needs: only after a crash.
+        from core.distill.checkpoint import latest_checkpoint
+        from core.distill.layout import checkpoint_step
+
+        checkpoint = latest_checkpoint(job_dir)
+        return None if checkpoint is None else checkpoint_step(checkpoint)
+    except Exception:
+        log.exception("could not look for a checkpoint in %s", job_dir)
+        return None
 
 
 def _crash_message(returncode: int) -> str:

@@ -1,5 +1,16 @@
 """Celery tasks: thin wrappers that take ids and call core. A task never raises: whatever happens to a
-job is recorded on the job, and nothing in a job can take the worker down."""
+job is recorded on the job, and nothing in a job can take the worker down.
+
+A message may arrive more than once (the reaper sends a queued job's message again when the broker seems to
+have lost it): the claim is one conditional UPDATE, so a second delivery of a job that is running or has
+ended costs one query and runs nothing.
+
+No Celery time limits (`time_limit`, `soft_time_limit`): a job trains for minutes or days depending on its
+spec, so no single limit fits; the solo pool `distill worker` uses does not enforce them anyway; and a hard
+limit kills the process that supervises the trainer, losing the progress since the last checkpoint. Our
+own supervision covers what they would: a cancel is a stop request, then a kill after `cancel_grace_s`;
+a worker that stops sending heartbeats is reaped after `stale_after_s`.
+"""
 
 from __future__ import annotations
 

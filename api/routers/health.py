@@ -1,4 +1,5 @@
-"""Liveness (`/healthz`: the process answers) and readiness (`/readyz`: database, schema and broker)."""
+"""Liveness (`/healthz`: the process answers) and readiness (`/readyz`: database, schema, broker, and a
+broker that has not lost the queued jobs' messages)."""
 
 from __future__ import annotations
 
@@ -13,12 +14,17 @@ from api.deps import SettingsDep
 from api.errors import error_body
 from api.schemas import CheckResult, ErrorResponse
 from core.config import Settings
-from core.db import get_engine
+from core.db import get_engine, session_scope
+from core.jobs.service import queued_jobs_waiting
+from core.queue import queue_depth
 from migrations.runner import current_revision, head_revision
 
 router = APIRouter(tags=["health"])
 
 CHECK_TIMEOUT_S = 2.0
+# A message is in the broker's queue from the moment the job is sent until a worker takes it and claims the
+# job, which takes milliseconds; jobs sent longer ago than this are the ones whose messages must be there.
+LOST_QUEUE_AFTER_S = 30.0
 _checks = ThreadPoolExecutor(max_workers=4, thread_name_prefix="readyz")
 
 
@@ -50,6 +56,28 @@ def _check_broker(settings: Settings) -> str:
     return "ok"
 
 
+def _check_queue(settings: Settings) -> str:
+    """Whether the broker still holds a message for every job that has waited a while.
+
+    The queue's depth and the queued jobs are read one after the other, so a job claimed in between could
+    look missing for that instant; a restarted broker that lost its queue (Redis without persistence) holds
+    fewer messages for as long as nobody sends them again, which the reaper does after `requeue_after_s`.
+    """
+    grace = min(LOST_QUEUE_AFTER_S, settings.requeue_after_s)
+    with session_scope(settings.database_url) as session:
+        waiting = queued_jobs_waiting(session=session, longer_than_s=grace)
+    if not waiting:
+        return "ok"
+    depth = queue_depth(settings, timeout_s=CHECK_TIMEOUT_S)
+    if depth >= waiting:
+        return "ok"
+    return (
+        f"{waiting} jobs queued for more than {grace:g} s but the broker holds {depth} messages: it lost "
+        f"messages (a restart without persistence?); the reaper sends them again after "
+        f"{settings.requeue_after_s:g} s"
+    )
+
+
 def _run_check(check: object, settings: Settings) -> str:
     future = _checks.submit(check, settings)  # type: ignore[arg-type]
     try:
@@ -68,11 +96,14 @@ def healthz() -> CheckResult:
 
 @router.get("/readyz", responses={503: {"model": ErrorResponse}})
 def readyz(settings: SettingsDep) -> CheckResult:
-    """Readiness: the database answers at the current schema and the broker accepts connections."""
+    """Readiness: the database answers at the current schema, the broker accepts connections and holds
+    the queued jobs' messages."""
     checks = {
         "database": _run_check(_check_database, settings),
         "broker": _run_check(_check_broker, settings),
     }
+    if checks["database"] == "ok" and checks["broker"] == "ok":
+        checks["broker"] = _run_check(_check_queue, settings)
     failed = {name: result for name, result in checks.items() if result != "ok"}
     if failed:
         message = "; ".join(f"{name}: {result}" for name, result in failed.items())

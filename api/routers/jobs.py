@@ -1,4 +1,4 @@
-"""`/v1/jobs`: create (validated, then queued), list, get and cancel distillation jobs."""
+"""`/v1/jobs`: create (validated, then queued), list, get, cancel and resume distillation jobs."""
 
 from __future__ import annotations
 
@@ -68,3 +68,14 @@ def get_job(session: SessionDep, tenant: TenantDep, job_id: JobId) -> JobOut:
 def cancel_job(session: SessionDep, tenant: TenantDep, job_id: JobId) -> JobOut:
     """Cancel a job: a queued job at once, a running one within a few steps (`cancelling` meanwhile)."""
     return JobOut.of(service.cancel_job(session=session, tenant_id=tenant.id, job_id=job_id))
+
+
+@router.post(
+    "/{job_id}/resume",
+    responses={409: {"model": ErrorResponse, "description": "Not failed or cancelled, or no checkpoint."}},
+)
+def resume_job(session: SessionDep, settings: SettingsDep, tenant: TenantDep, job_id: JobId) -> JobOut:
+    """Resume a failed or cancelled job from its last checkpoint (queued again, with fresh attempts)."""
+    return JobOut.of(
+        service.resume_job(session=session, settings=settings, tenant_id=tenant.id, job_id=job_id)
+    )

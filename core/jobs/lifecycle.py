@@ -5,19 +5,31 @@ from __future__ import annotations
 from collections.abc import Iterable
 from typing import Any
 
-from sqlalchemy import ColumnElement, update
+from sqlalchemy import ColumnElement, select, update
 from sqlalchemy.orm import Session
 
 from core.db import utcnow
 from core.jobs.models import Job, JobEvent
-from core.jobs.states import JobStatus, check_transition, sources_of
+from core.jobs.states import JobStatus, check_resume, check_transition, sources_of
 
 
 def add_event(
-    session: Session, *, job_id: str, kind: str, message: str, data: dict[str, Any] | None = None
+    session: Session,
+    *,
+    job_id: str,
+    kind: str,
+    message: str,
+    data: dict[str, Any] | None = None,
+    step: int | None = None,
 ) -> JobEvent:
-    """Append one event to a job's log (flushed, not committed)."""
-    event = JobEvent(job_id=job_id, kind=kind, message=message, data=data)
+    """Append one event to a job's log (flushed, not committed); `step` is the training step it reports.
+
+    The job's row is locked first (PostgreSQL: the lock an UPDATE takes; SQLite has one writer anyway), so
+    a job's events commit in the order of their ids: an event stream that resumes after event N
+    (`Last-Event-ID`) can never miss an event with a smaller id that was still uncommitted when it read N.
+    """
+    session.execute(select(Job.id).where(Job.id == job_id).with_for_update(key_share=True))
+    event = JobEvent(job_id=job_id, kind=kind, message=message, data=data, step=step)
     session.add(event)
     session.flush()
     return event
@@ -42,6 +54,28 @@ def transition(
     sources = tuple(expected) if expected is not None else tuple(sources_of(target))
     for source in sources:
         check_transition(source, target)
+    return _move(session, job_id, target, sources, message, where, values)
+
+
+def reopen(
+    session: Session, *, job_id: str, expected: Iterable[JobStatus], message: str, **values: Any
+) -> bool:
+    """The user's resume: move a failed or cancelled job back to `queued` (one conditional UPDATE)."""
+    sources = tuple(expected)
+    for source in sources:
+        check_resume(source)
+    return _move(session, job_id, JobStatus.QUEUED, sources, message, (), values)
+
+
+def _move(
+    session: Session,
+    job_id: str,
+    target: JobStatus,
+    sources: tuple[JobStatus, ...],
+    message: str | None,
+    where: Iterable[ColumnElement[bool]],
+    values: dict[str, Any],
+) -> bool:
     statement = (
         update(Job)
         .where(Job.id == job_id, Job.status.in_(sources), *where)

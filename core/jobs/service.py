@@ -1,15 +1,17 @@
-"""Jobs: create (validated in full, committed, then enqueued), read, list, cancel, and what jobs produce
-(events, metric series, checkpoints). Keyword-only functions over a session; 4xx cases raise ServiceError."""
+"""Jobs: create (validated in full, committed, then enqueued), read, list, cancel, resume, and what jobs
+produce (events, metric series, checkpoints). Keyword-only functions over a session; 4xx cases raise
+ServiceError."""
 
 from __future__ import annotations
 
 import json
 import logging
 from collections.abc import Sequence
+from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
-from sqlalchemy import select
+from sqlalchemy import func, select
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
@@ -20,11 +22,12 @@ from core.distill.spec import JobSpec
 from core.errors import Conflict, InvalidRequest, NotFound, ServiceError, Unavailable
 from core.files import service as files_service
 from core.files.service import get_file
-from core.jobs.lifecycle import add_event, transition
+from core.jobs.lifecycle import add_event, reopen, transition
 from core.jobs.models import Checkpoint, Job, JobEvent, Metric
-from core.jobs.states import TERMINAL_STATES, JobStatus
+from core.jobs.states import RESUMABLE_STATES, TERMINAL_STATES, JobStatus
 from core.pagination import newest_first_page
 from core.queue import enqueue_job
+from core.storage import Storage
 
 logger = logging.getLogger(__name__)
 
@@ -149,6 +152,7 @@ def create_job(
         total_steps=parsed.training.max_steps,
         max_attempts=settings.max_attempts,
         latest_metrics={},
+        enqueued_at=utcnow(),  # its message is sent right after the commit
     )
     session.add(job)
     try:
@@ -245,6 +249,85 @@ def cancel_job(*, session: Session, tenant_id: str, job_id: str) -> Job:
             session.expire(job)
             return get_job(session=session, tenant_id=tenant_id, job_id=job_id)
     raise ServiceError("cancel_conflict", "the job kept changing state; retry", param="job_id", status=409)
+
+
+def resume_job(*, session: Session, settings: Settings, tenant_id: str, job_id: str) -> Job:
+    """Queue a failed or cancelled job again, to resume from its last checkpoint with fresh attempts.
+
+    A job already queued or running is returned unchanged (a retried request does no harm); any other
+    state, or a job without a checkpoint on disk, is refused with 409 `job_not_resumable`.
+    """
+    for _ in range(3):  # the status may move under us (another resume); retry against the new one
+        job = get_job(session=session, tenant_id=tenant_id, job_id=job_id)
+        if job.status in (JobStatus.QUEUED, JobStatus.RUNNING):
+            return job
+        if job.status not in RESUMABLE_STATES:
+            raise Conflict(
+                "job_not_resumable",
+                f"job {job_id!r} is {job.status.value}; only a failed or cancelled job can be resumed",
+                param="job_id",
+            )
+        step = _last_checkpoint_step(session=session, settings=settings, job_id=job_id)
+        if step is None:
+            raise Conflict(
+                "job_not_resumable", f"job {job_id!r} has no checkpoint to resume from", param="job_id"
+            )
+        _check_files_remain(session=session, job=job)
+        changed = reopen(
+            session,
+            job_id=job_id,
+            expected=[job.status],
+            message=f"resumed by the user: queued to continue from the checkpoint of step {step}",
+            attempts=0,
+            worker_id=None,
+            heartbeat_at=None,
+            error_code=None,
+            error_message=None,
+            finished_at=None,
+            cancel_requested_at=None,
+            enqueued_at=utcnow(),
+        )
+        session.commit()
+        if changed:
+            session.expire(job)
+            job = get_job(session=session, tenant_id=tenant_id, job_id=job_id)
+            _enqueue(session=session, settings=settings, job=job)
+            return job
+    raise ServiceError("resume_conflict", "the job kept changing state; retry", param="job_id", status=409)
+
+
+def _last_checkpoint_step(*, session: Session, settings: Settings, job_id: str) -> int | None:
+    """The newest recorded checkpoint whose directory is still on disk (the trainer verifies it)."""
+    storage = Storage(settings.artifacts)
+    for checkpoint in reversed(list_checkpoints(session=session, job_id=job_id)):
+        if storage.resolve(checkpoint.storage_path).is_dir():
+            return checkpoint.step
+    return None
+
+
+def _check_files_remain(*, session: Session, job: Job) -> None:
+    """A job's uploaded files may be deleted once it ended; resuming it needs them back."""
+    data = job.spec.get("data", {})
+    for field in ("train", "eval"):
+        file_id = data.get(field)
+        if file_id is None:
+            continue
+        try:
+            get_file(session=session, tenant_id=job.tenant_id, file_id=file_id)
+        except NotFound as exc:
+            raise Conflict(
+                "job_not_resumable",
+                f"the job's data.{field} file {file_id!r} was deleted; the job cannot be resumed",
+                param=f"data.{field}",
+            ) from exc
+
+
+def queued_jobs_waiting(*, session: Session, longer_than_s: float) -> int:
+    """How many jobs were sent to the queue more than `longer_than_s` seconds ago and are still queued."""
+    cutoff = utcnow() - timedelta(seconds=longer_than_s)
+    since = func.coalesce(Job.enqueued_at, Job.created_at)  # jobs from before `enqueued_at` existed
+    query = select(func.count()).select_from(Job).where(Job.status == JobStatus.QUEUED, since < cutoff)
+    return session.scalar(query) or 0
 
 
 def list_events(

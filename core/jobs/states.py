@@ -1,5 +1,12 @@
 """The job state machine: `queued → running → succeeded | failed | cancelled`, with `cancelling` between
-a cancel request and the trainer actually stopping. A re-queue (worker lost) goes `running → queued`."""
+a cancel request and the trainer actually stopping. A re-queue (worker lost, trainer crashed) goes
+`running → queued`.
+
+Ended jobs never move on their own, with one exception kept out of `ALLOWED_TRANSITIONS` so that no
+generic transition can take it: the user resumes a failed or cancelled job that has a checkpoint
+(`failed | cancelled → queued`, see `check_resume`). "Terminal" therefore means "ended until a user
+resumes it": whatever waits for a job's end (an event stream, a file-in-use check) must look at the job's
+current status, not at the first final status it saw."""
 
 from __future__ import annotations
 
@@ -22,6 +29,8 @@ class JobStatus(str, enum.Enum):
 TERMINAL_STATES = frozenset({JobStatus.SUCCEEDED, JobStatus.FAILED, JobStatus.CANCELLED})
 # A worker holds the job: its trainer runs (or is being stopped), it sends heartbeats and writes progress.
 ACTIVE_STATES = frozenset({JobStatus.RUNNING, JobStatus.CANCELLING})
+# Ended states a user may resume from (when the job has a checkpoint): POST /v1/jobs/{id}/resume.
+RESUMABLE_STATES = frozenset({JobStatus.FAILED, JobStatus.CANCELLED})
 
 ALLOWED_TRANSITIONS: dict[JobStatus, frozenset[JobStatus]] = {
     JobStatus.QUEUED: frozenset({JobStatus.RUNNING, JobStatus.CANCELLED, JobStatus.FAILED}),
@@ -46,6 +55,12 @@ class IllegalTransition(Exception):
 def check_transition(current: JobStatus, target: JobStatus) -> None:
     if target not in ALLOWED_TRANSITIONS[current]:
         raise IllegalTransition(current, target)
+
+
+def check_resume(current: JobStatus) -> None:
+    """The user's resume (`failed | cancelled → queued`), the only way out of an ended state."""
+    if current not in RESUMABLE_STATES:
+        raise IllegalTransition(current, JobStatus.QUEUED)
 
 
 def sources_of(target: JobStatus) -> frozenset[JobStatus]:
