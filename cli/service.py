@@ -1,8 +1,10 @@
 """The service's commands: `distill serve` (everything on the embedded defaults), and `distill api`,
 `distill worker` and `distill reaper` (the parts, for production).
 
-The API and the worker run as their own processes, started by module name
-(`uvicorn api.main:create_app --factory`, `celery -A worker.celery_app worker`).
+The API, the worker and the reaper run as their own processes, started by module name
+(`uvicorn api.main:create_app --factory`, `celery -A worker.celery_app worker`, `cli.main reaper`);
+`distill serve` supervises them (`cli.processes.Supervisor`). Workers train at a lower CPU priority
+(`trainer_nice`) than the API.
 """
 
 from __future__ import annotations
@@ -12,19 +14,26 @@ import logging
 import os
 import secrets
 import signal
+import socket
 import sys
 import threading
 from pathlib import Path
 
 from sqlalchemy.engine import make_url
 
-from cli.processes import ServiceProcess, stop_all, wait_until_healthy
+from cli.processes import ServiceProcess, Supervisor, wait_until_healthy
 from core.config import Settings, get_settings
+from worker import process as process_control
+
+log = logging.getLogger(__name__)
 
 DEV_KEY_FILE = "dev-api-key"
 API_APP = "api.main:create_app"
 WORKER_APP = "worker.celery_app"
-_SHUTDOWN_GRACE_S = 10.0
+# How long each part of `distill serve` gets to stop on Ctrl-C before it is killed. The worker's warm
+# shutdown waits for its job: a job still training then is killed and re-queued (`release_worker_jobs`).
+_WORKER_STOP_GRACE_S = 10.0
+_STOP_GRACE_S = 5.0
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -83,6 +92,7 @@ def service_env(settings: Settings) -> dict[str, str]:
         "DISTILL_STORAGE_DIR": str(settings.artifacts),
         "DISTILL_MODEL_ROOTS": ",".join(str(root) for root in settings.model_roots),
         "DISTILL_TRAINER_THREADS": str(settings.trainer_threads),
+        "DISTILL_TRAINER_NICE": str(settings.trainer_nice),
         "PYTHONUNBUFFERED": "1",
     }
 
@@ -102,6 +112,10 @@ def worker_command(
         "--pool", pool, "--concurrency", str(concurrency), "--queues", settings.task_queue,
         "--hostname", name, "--loglevel", "INFO", "--without-gossip", "--without-mingle",
     ]  # fmt: skip
+
+
+def reaper_command() -> list[str]:
+    return [sys.executable, "-m", "cli.main", "reaper"]
 
 
 def development_key(settings: Settings) -> str:
@@ -134,6 +148,7 @@ def run_worker(args: argparse.Namespace) -> int:
     settings = get_settings()
     prepare_local_dirs(settings)
     command = worker_command(settings, concurrency=args.concurrency, pool=args.pool, name=args.name)
+    process_control.lower_priority(settings.trainer_nice)  # kept across exec, inherited by its trainers
     os.execve(command[0], command, service_env(settings))
     return 0  # not reached
 
@@ -149,11 +164,104 @@ def run_reaper_command(args: argparse.Namespace) -> int:
     return 0
 
 
+def release_worker_jobs(settings: Settings, node: str, how: str) -> list[str]:
+    """Hand back the active jobs of the Celery worker `node`, which is gone (`how`: "was killed by
+    SIGKILL"): as the reaper would once their heartbeats went stale, but at once. Returns the re-queued ids.
+
+    Only jobs whose `worker_id` ("<node>:<pid>") names this node are touched, and each change re-checks
+    it, so a job another worker has claimed since is left alone. Node names are unique per start.
+    """
+    from sqlalchemy import select
+
+    from core.db import session_scope, utcnow
+    from core.jobs.lifecycle import transition
+    from core.jobs.models import Job
+    from core.jobs.states import ACTIVE_STATES, JobStatus
+    from core.queue import enqueue_job
+
+    requeued: list[str] = []
+    with session_scope(settings.database_url) as session:
+        rows = session.execute(
+            select(Job.id, Job.status, Job.attempts, Job.max_attempts, Job.worker_id).where(
+                Job.worker_id.startswith(f"{node}:", autoescape=True), Job.status.in_(ACTIVE_STATES)
+            )
+        ).all()
+        for job_id, status, attempts, max_attempts, worker_id in rows:
+            owned = [Job.worker_id == worker_id]
+            gone = f"worker {worker_id} {how}"
+            if status is JobStatus.CANCELLING:
+                transition(
+                    session,
+                    job_id=job_id,
+                    target=JobStatus.CANCELLED,
+                    expected=[JobStatus.CANCELLING],
+                    where=owned,
+                    message=f"{gone} while cancelling; job cancelled",
+                    finished_at=utcnow(),
+                )
+            elif attempts < max_attempts:
+                if transition(
+                    session,
+                    job_id=job_id,
+                    target=JobStatus.QUEUED,
+                    expected=[JobStatus.RUNNING],
+                    where=owned,
+                    message=f"{gone}; re-queued (attempt {attempts + 1} of {max_attempts})",
+                    worker_id=None,
+                    heartbeat_at=None,
+                    enqueued_at=utcnow(),  # its message is sent right after the commit
+                ):
+                    requeued.append(job_id)
+            else:
+                message = (
+                    f"the job's worker was lost on each of its {attempts} attempts (max_attempts "
+                    f"{max_attempts}); its last checkpoint, if any, can still be downloaded"
+                )
+                transition(
+                    session,
+                    job_id=job_id,
+                    target=JobStatus.FAILED,
+                    expected=[JobStatus.RUNNING],
+                    where=owned,
+                    message=f"{gone}; job failed: {message}",
+                    error_code="max_attempts_exceeded",
+                    error_message=message,
+                    finished_at=utcnow(),
+                )
+    for job_id in requeued:
+        try:
+            enqueue_job(settings, job_id)
+        except Exception:  # the job stays queued, as after the reaper's own re-queue
+            log.exception("could not enqueue re-queued job %s", job_id)
+    if rows:
+        log.info("released %d job(s) of worker %s, which %s", len(rows), node, how)
+    return requeued
+
+
+class _ServeWorker:
+    """`distill serve`'s worker: a new Celery node name at each start, so that the jobs of one that died
+    can be told apart and released at once."""
+
+    def __init__(self, settings: Settings, env: dict[str, str]) -> None:
+        self.settings = settings
+        self.env = env
+        self.node = ""
+
+    def start(self) -> ServiceProcess:
+        self.node = f"distill-{secrets.token_hex(3)}@{socket.gethostname()}"
+        command = worker_command(self.settings, name=self.node)
+        return ServiceProcess(
+            "worker", command, env=self.env, die_with_parent=True, nice=self.settings.trainer_nice
+        )
+
+    def exited(self, process: ServiceProcess, how: str) -> None:
+        release_worker_jobs(self.settings, self.node, how)
+
+
 def run_serve(args: argparse.Namespace) -> int:
     from core.db import get_sessionmaker
     from core.tenants.keys import ensure_bootstrap_key
     from migrations.runner import upgrade_database
-    from worker.reaper import run_reaper
 
     _configure_logging()
     settings = get_settings()
@@ -166,23 +274,39 @@ def run_serve(args: argparse.Namespace) -> int:
     if not settings.trainer_threads:
         # The API shares this machine with the trainer: leave it a core (see Settings.trainer_threads).
         settings.trainer_threads = max(1, len(os.sched_getaffinity(0)) - 1)
-    stop = threading.Event()
+    stop, force = threading.Event(), threading.Event()
+
+    def on_signal(*_: object) -> None:
+        if stop.is_set():
+            force.set()  # a second Ctrl-C: kill what is still running
+        stop.set()
+
     for sig in (signal.SIGINT, signal.SIGTERM):
-        signal.signal(sig, lambda *_: stop.set())
+        signal.signal(sig, on_signal)
     env = service_env(settings)
-    # Own sessions: a Ctrl-C in the terminal reaches only this process, which shuts the others down in order.
-    processes = [
-        ServiceProcess("api", api_command(args.host, args.port), env=env),
-        ServiceProcess("worker", worker_command(settings), env=env),
-    ]
-    reaper = threading.Thread(target=run_reaper, args=(settings, stop), name="reaper", daemon=True)
-    reaper.start()
+    # Each in its own session (a Ctrl-C in the terminal reaches only this process, which stops them in
+    # order) and killed if this process is. Stopped in this order: the worker first, so that no new
+    # job starts while the others stop.
+    supervisor = Supervisor()
+    worker = _ServeWorker(settings, env)
+    supervisor.add("worker", worker.start, on_exit=worker.exited, stop_grace_s=_WORKER_STOP_GRACE_S)
+    api = api_command(args.host, args.port)
+    supervisor.add(
+        "api",
+        lambda: ServiceProcess("api", api, env=env, die_with_parent=True),
+        stop_grace_s=_STOP_GRACE_S,
+    )
+    supervisor.add(
+        "reaper",
+        lambda: ServiceProcess("reaper", reaper_command(), env=env, die_with_parent=True),
+        stop_grace_s=_STOP_GRACE_S,
+    )
     url = f"http://{args.host}:{args.port}"
-    problem = wait_until_healthy(f"{url}/healthz", processes, stop=stop)
+    problem = wait_until_healthy(f"{url}/healthz", supervisor.processes, stop=stop)
     if problem is not None:
         if not stop.is_set():
             print(problem, file=sys.stderr)
-        stop_all(processes, grace_s=_SHUTDOWN_GRACE_S)
+        supervisor.shutdown(force)
         return 0 if stop.is_set() else 1  # Ctrl-C during start-up is not an error
     print(
         f"\nDistillery is serving on {url} (OpenAPI: {url}/docs)\n"
@@ -195,17 +319,12 @@ def run_serve(args: argparse.Namespace) -> int:
     )
     exit_code = 0
     while not stop.is_set():
-        for service in processes:
-            if not service.alive():
-                print(
-                    f"the {service.name} process exited with code {service.returncode}; stopping",
-                    file=sys.stderr,
-                )
-                exit_code = 1
-                stop.set()
+        problem = supervisor.check()  # restarts what died, with backoff
+        if problem is not None:
+            print(f"{problem}; stopping", file=sys.stderr)
+            exit_code = 1
+            break
         stop.wait(0.5)
-    # A job still training when the worker stops stays `running` until the reaper of the next start
-    # re-queues it (after `stale_after_s`); it then resumes from its last checkpoint.
-    stop_all(processes, grace_s=_SHUTDOWN_GRACE_S)
-    reaper.join(timeout=5)
+    log.info("shutting down: the worker (no new jobs), then the API and the reaper")
+    supervisor.shutdown(force)
     return exit_code

@@ -1,6 +1,6 @@
-"""Process control: processes that die with their parent, and stopping processes (with everything they
-started) politely first, then for sure. Used by the job supervisor for trainer processes and by
-`cli.processes` for the service's own processes."""
+"""Process control: processes that die with their parent, training at a lower CPU priority than the API,
+and stopping processes (with everything they started) politely first, then for sure. Used by the job
+supervisor for trainer processes and by `cli.processes` for the service's own processes."""
 
 from __future__ import annotations
 
@@ -27,12 +27,22 @@ def set_parent_death_signal(sig: int = signal.SIGKILL) -> None:
         raise OSError(ctypes.get_errno(), "prctl(PR_SET_PDEATHSIG) failed")
 
 
-def child_preexec(parent_pid: int) -> None:
-    """Runs in a trainer process between fork and exec: die with the supervisor `parent_pid`."""
+def lower_priority(nice: int) -> None:
+    """Run this thread, and every thread and process it starts from now on, at niceness `nice` or lower
+    priority: training beside the API then only takes the CPU the API leaves. 0 changes nothing, and a
+    niceness already higher is kept (only root could lower it again)."""
+    if nice > 0 and os.getpriority(os.PRIO_PROCESS, 0) < nice:
+        os.setpriority(os.PRIO_PROCESS, 0, nice)
+
+
+def child_preexec(parent_pid: int, nice: int = 0) -> None:
+    """Runs in a child process (a trainer, a service of `distill serve`) between fork and exec: die with
+    `parent_pid`, and run at niceness `nice` (see `lower_priority`)."""
     set_parent_death_signal()
     # The parent may have died between fork and prctl: then nobody would ever send the signal.
     if os.getppid() != parent_pid:
         os._exit(1)
+    lower_priority(nice)
 
 
 def stop(
@@ -55,6 +65,12 @@ def stop(
         running = [process for process in running if process.poll() is None]
         if not running:
             return
+
+
+def send_signal(process: subprocess.Popen[bytes], sig: int, *, group: bool = True) -> None:
+    """Send `sig` to a process (its whole group when `group`), unless it has exited already."""
+    if process.poll() is None:  # once reaped, its pid (and group id) may belong to another process
+        _signal(process, sig, group)
 
 
 def _signal(process: subprocess.Popen[bytes], sig: int, group: bool) -> None:

@@ -3,6 +3,9 @@
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -14,6 +17,8 @@ from core.config import Settings, get_settings
 from core.db import get_sessionmaker
 from core.tenants.keys import authenticate
 from migrations.runner import current_revision, head_revision
+from tests.support.services import wait_for
+from worker import process as process_control
 
 
 @pytest.fixture
@@ -73,8 +78,23 @@ def test_service_processes_are_started_by_module_name(tmp_path: Path) -> None:
     assert worker[1:6] == ["-m", "celery", "-A", "worker.celery_app", "worker"]
     assert worker[worker.index("--pool") + 1] == "solo" and worker[worker.index("--queues") + 1] == "q1"
     assert service_cli.worker_command(settings, concurrency=2)[worker.index("--pool") + 1] == "prefork"
-    env = service_cli.service_env(settings)
+    assert service_cli.reaper_command()[1:] == ["-m", "cli.main", "reaper"]
+    env = service_cli.service_env(settings.model_copy(update={"trainer_nice": 4}))
     assert (
         env["DISTILL_DATABASE_URL"] == settings.database_url
         and env["DISTILL_BROKER_URL"] == settings.broker_url
+        and env["DISTILL_TRAINER_NICE"] == "4"
     )
+
+
+def test_distill_worker_trains_at_the_configured_niceness(tmp_path: Path) -> None:
+    env = {key: value for key, value in os.environ.items() if not key.startswith("DISTILL_")}
+    env |= {"DISTILL_HOME": str(tmp_path), "DISTILL_TRAINER_NICE": "6"}
+    worker = subprocess.Popen([sys.executable, "-m", "cli.main", "worker"], env=env, start_new_session=True)
+    try:
+        # The niceness is set before `distill worker` becomes the Celery worker (exec), and stays.
+        cmdline = Path(f"/proc/{worker.pid}/cmdline")
+        wait_for(lambda: b"celery" in cmdline.read_bytes(), timeout=30, what="the exec into celery")
+        assert os.getpriority(os.PRIO_PROCESS, worker.pid) == max(6, os.getpriority(os.PRIO_PROCESS, 0))
+    finally:
+        process_control.stop([worker], grace_s=5)
