@@ -182,9 +182,9 @@ def release_worker_jobs(settings: Settings, node: str, how: str) -> list[str]:
     requeued: list[str] = []
     with session_scope(settings.database_url) as session:
         rows = session.execute(
-            select(Job.id, Job.status, Job.attempts, Job.max_attempts, Job.worker_id).where(
-                Job.worker_id.startswith(f"{node}:", autoescape=True), Job.status.in_(ACTIVE_STATES)
-            )
+            select(Job.id, Job.status, Job.attempts, Job.max_attempts, Job.worker_id)
+            .where(Job.worker_id.startswith(f"{node}:", autoescape=True), Job.status.in_(ACTIVE_STATES))
+            .order_by(Job.id)  # rows locked in the reaper's order
         ).all()
         for job_id, status, attempts, max_attempts, worker_id in rows:
             owned = [Job.worker_id == worker_id]
