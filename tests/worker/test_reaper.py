@@ -1,10 +1,11 @@
-"""The stale-job reaper on SQLite and PostgreSQL: re-queue with a message sent after commit, fail after
-max attempts with a clear error, finish cancellations, and leave live jobs alone."""
+"""The reaper on SQLite and PostgreSQL: re-queue stale jobs with a message sent after commit, fail after
+max attempts with a clear error, finish cancellations, leave live jobs alone; send again the messages of
+queued jobs the broker lost, once, and never flood a queue that lost nothing."""
 
 from __future__ import annotations
 
 from collections.abc import Iterator
-from datetime import timedelta
+from datetime import datetime, timedelta
 from pathlib import Path
 
 import pytest
@@ -14,6 +15,7 @@ from core.config import Settings
 from core.db import session_scope, utcnow
 from core.jobs.models import Job, JobEvent
 from core.jobs.states import JobStatus
+from core.queue import enqueue_job, queue_depth
 from tests.support.services import (
     fresh_postgres_database,
     make_settings,
@@ -118,3 +120,78 @@ def test_a_heartbeat_arriving_late_keeps_the_job(
     assert reaper.reap_once(settings).total == 0
     assert load(settings, job_id)[0].status is JobStatus.RUNNING
     assert sent == []
+
+
+# ------------------------------------------------------------------------------ lost queue messages
+def queued_job(settings: Settings, *, waited_s: float) -> str:
+    job_id = seed_job(settings, tiny_spec(Path("/models/teacher"), "placeholder"))
+    with session_scope(settings.database_url) as session:
+        sent_at = utcnow() - timedelta(seconds=waited_s)
+        session.execute(update(Job).where(Job.id == job_id).values(enqueued_at=sent_at))
+    return job_id
+
+
+def enqueued_at(settings: Settings, job_id: str) -> datetime:
+    with session_scope(settings.database_url) as session:
+        return session.scalar(select(Job.enqueued_at).where(Job.id == job_id))  # type: ignore[return-value]
+
+
+def test_a_queued_job_whose_message_is_gone_is_sent_again(settings: Settings, sent: list[str]) -> None:
+    """The test broker (SQLite, real) holds no message: both long-waiting jobs are sent again, once."""
+    old, older = queued_job(settings, waited_s=400), queued_job(settings, waited_s=900)
+    young = queued_job(settings, waited_s=10)
+    before = utcnow()
+    settings.requeue_after_s = 300
+    counts = reaper.reap_once(settings)
+    assert counts.resent == 2 and sorted(sent) == sorted([old, older])
+    assert enqueued_at(settings, old) >= before and enqueued_at(settings, young) < before
+    _, events = load(settings, old)
+    assert any("sent again" in m and "fewer messages (0)" in m for m in events), events
+    assert reaper.reap_once(settings).resent == 0  # sent just now: not again before requeue_after_s
+
+
+def test_a_long_queue_that_lost_nothing_is_not_flooded(settings: Settings, sent: list[str]) -> None:
+    settings.requeue_after_s = 300
+    jobs = [queued_job(settings, waited_s=400) for _ in range(3)]
+    for job_id in jobs:  # their messages really are in the broker's queue
+        enqueue_job(settings, job_id)
+    assert queue_depth(settings) == 3
+    assert reaper.reap_once(settings).resent == 0 and sent == []
+
+
+def test_two_reapers_send_a_lost_message_once(
+    settings: Settings, sent: list[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The send is claimed by a conditional UPDATE of enqueued_at: a reaper that read the job as waiting
+    but lost the race to another one sends nothing."""
+    settings.requeue_after_s = 300
+    job_id = queued_job(settings, waited_s=400)
+
+    def another_reaper_first(settings: Settings, **_: object) -> int:
+        with session_scope(settings.database_url) as session:
+            session.execute(update(Job).where(Job.id == job_id).values(enqueued_at=utcnow()))
+        return 0
+
+    monkeypatch.setattr(reaper, "queue_depth", another_reaper_first)
+    assert reaper.reap_once(settings).resent == 0 and sent == []
+
+
+def test_an_unreadable_broker_sends_nothing(
+    settings: Settings, sent: list[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    settings.requeue_after_s = 300
+    job_id = queued_job(settings, waited_s=400)
+
+    def unreachable(settings: Settings, **_: object) -> int:
+        raise ConnectionError("broker down")
+
+    monkeypatch.setattr(reaper, "queue_depth", unreachable)
+    assert reaper.reap_once(settings).resent == 0 and sent == []
+    assert enqueued_at(settings, job_id) < utcnow() - timedelta(seconds=300)  # tried again next pass
+
+
+def test_a_requeued_stale_job_records_when_it_was_sent(settings: Settings, sent: list[str]) -> None:
+    job_id = running_job(settings, heartbeat_age_s=120)
+    before = utcnow()
+    assert reaper.reap_once(settings).requeued == 1
+    assert enqueued_at(settings, job_id) >= before and sent == [job_id]

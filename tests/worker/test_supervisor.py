@@ -1,5 +1,6 @@
 """The job supervisor (worker.supervisor) against a real database, with a stand-in trainer process that
-speaks the child's file protocol: claims, outcomes, cancellation, lost jobs, and dying with the worker."""
+speaks the child's file protocol: claims, outcomes, cancellation, lost jobs, dying with the worker, and
+crashes retried from a usable checkpoint while attempts remain."""
 
 from __future__ import annotations
 
@@ -235,3 +236,63 @@ def test_the_trainer_dies_with_a_killed_supervisor(
     supervisor_process.wait()
     wait_for(lambda: not pid_alive(child), timeout=10, what="the orphaned trainer to die")
     assert load(settings, job_id).status is JobStatus.RUNNING  # the reaper's business now
+
+
+# ------------------------------------------------------------------------------ crashes and retries
+def save_a_checkpoint(settings: Settings, job_id: str, tiny_student_dir: Path, step: int = 3) -> Path:
+    """A real, verifiable checkpoint in the job's directory (what the trainer would have left)."""
+    from core.distill.checkpoint import save_checkpoint
+    from core.distill.models import load_causal_lm, load_tokenizer
+    from core.distill.spec import JobSpec
+
+    with session_scope(settings.database_url) as session:
+        spec = JobSpec.model_validate(session.get(Job, job_id).spec)  # type: ignore[union-attr]
+    return save_checkpoint(
+        Storage(settings.artifacts).job_dir(job_id),
+        step,
+        student=load_causal_lm(tiny_student_dir),
+        tokenizer=load_tokenizer(tiny_student_dir),
+        spec=spec,
+        trainer_state={"step": step},
+    )
+
+
+@pytest.fixture
+def sent(monkeypatch: pytest.MonkeyPatch) -> list[str]:
+    calls: list[str] = []
+    monkeypatch.setattr(supervisor, "enqueue_job", lambda settings, job_id: calls.append(job_id))
+    return calls
+
+
+def test_a_crash_with_a_checkpoint_is_retried_from_it(
+    settings: Settings, job_id: str, tiny_student_dir: Path, sent: list[str]
+) -> None:
+    save_a_checkpoint(settings, job_id, tiny_student_dir)
+    assert supervisor.run_job(job_id, settings, "w1", child_command=fake("crash")) == "requeued"
+    job = load(settings, job_id)
+    assert (job.status, job.worker_id, job.heartbeat_at, job.attempts) == (JobStatus.QUEUED, None, None, 1)
+    assert job.error_code is None and job.enqueued_at is not None and sent == [job_id]
+    assert any(
+        "killed by SIGKILL" in m and "resume from the checkpoint of step 3 (attempt 2 of 3)" in m
+        for m in messages(settings, job_id)
+    ), messages(settings, job_id)
+
+
+def test_a_job_crashing_on_every_attempt_still_fails(
+    settings: Settings, job_id: str, tiny_student_dir: Path, sent: list[str]
+) -> None:
+    save_a_checkpoint(settings, job_id, tiny_student_dir)
+    outcomes = [supervisor.run_job(job_id, settings, f"w{i}", child_command=fake("crash")) for i in range(3)]
+    assert outcomes == ["requeued", "requeued", "failed"] and sent == [job_id, job_id]
+    job = load(settings, job_id)
+    assert (job.status, job.attempts, job.error_code) == (JobStatus.FAILED, 3, "trainer_crashed")
+    assert "on each of its 3 attempts" in (job.error_message or "")
+
+
+def test_a_crash_next_to_a_corrupt_checkpoint_fails(
+    settings: Settings, job_id: str, tiny_student_dir: Path, sent: list[str]
+) -> None:
+    checkpoint = save_a_checkpoint(settings, job_id, tiny_student_dir)
+    (checkpoint / "model.safetensors").write_bytes(b"torn")  # no longer matches its manifest
+    assert supervisor.run_job(job_id, settings, "w1", child_command=fake("crash")) == "failed"
+    assert load(settings, job_id).error_code == "trainer_crashed" and sent == []

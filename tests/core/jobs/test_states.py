@@ -7,9 +7,11 @@ import pytest
 from core.jobs.states import (
     ACTIVE_STATES,
     ALLOWED_TRANSITIONS,
+    RESUMABLE_STATES,
     TERMINAL_STATES,
     IllegalTransition,
     JobStatus,
+    check_resume,
     check_transition,
     sources_of,
 )
@@ -24,7 +26,7 @@ def test_every_state_has_a_row_and_ended_jobs_never_move() -> None:
 
 
 def test_active_states_are_the_ones_a_worker_holds() -> None:
-    assert ACTIVE_STATES == {JobStatus.RUNNING, JobStatus.CANCELLING}
+    assert {JobStatus.RUNNING, JobStatus.CANCELLING} == ACTIVE_STATES
     assert not ACTIVE_STATES & TERMINAL_STATES
     # Only a worker's claim enters them from the queue, and a worker's end leaves them.
     assert sources_of(JobStatus.RUNNING) == {JobStatus.QUEUED}
@@ -64,3 +66,15 @@ def test_illegal_moves_are_refused(current: JobStatus, target: JobStatus) -> Non
 def test_legal_moves_pass(current: JobStatus, target: JobStatus) -> None:
     check_transition(current, target)
     assert current in sources_of(target)
+
+
+def test_only_a_failed_or_cancelled_job_is_resumed_and_only_by_its_own_path() -> None:
+    assert {JobStatus.FAILED, JobStatus.CANCELLED} == RESUMABLE_STATES
+    for state in RESUMABLE_STATES:
+        check_resume(state)
+        with pytest.raises(IllegalTransition):  # no generic transition reopens an ended job
+            check_transition(state, JobStatus.QUEUED)
+    for state in set(JobStatus) - RESUMABLE_STATES:
+        with pytest.raises(IllegalTransition):
+            check_resume(state)
+    assert sources_of(JobStatus.QUEUED) == {JobStatus.RUNNING}
