@@ -28,6 +28,7 @@ import json
 import os
 import random
 import shutil
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -244,15 +245,15 @@ def save_checkpoint(
             write_trainer_state(tmp, trainer_state)
             (tmp / SPEC_FILE).write_text(spec.model_dump_json(indent=2), encoding="utf-8")
             _write_manifest(tmp, step)
+            replaced = final.parent / f".replaced-{final.name}-{os.getpid()}"
             if final.exists():
-                # Re-saving a step (a resumed run stopping where it started): swap the old copy out first,
-                # since a directory cannot be renamed over a non-empty one.
-                old = final.parent / f".old-{final.name}-{os.getpid()}"
-                shutil.rmtree(old, ignore_errors=True)
-                final.rename(old)
-                shutil.rmtree(old, ignore_errors=True)
+                # Re-saving a step (a resumed run stopping where it started): a directory cannot be renamed
+                # over a non-empty one, so the old copy steps aside first and is deleted after.
+                shutil.rmtree(replaced, ignore_errors=True)
+                final.rename(replaced)
             os.replace(tmp, final)
             _fsync_dir(final.parent)
+            shutil.rmtree(replaced, ignore_errors=True)
         finally:
             if tmp.exists():
                 shutil.rmtree(tmp, ignore_errors=True)
@@ -285,8 +286,7 @@ def prune_checkpoints(output_dir: Path, *, keep: int, current: Path) -> list[Ski
         if path == current:
             continue
         if kept >= keep:
-            shutil.rmtree(path, ignore_errors=True)
-            _verified.pop(str(path), None)
+            _delete(path)
             continue
         problem = verify_checkpoint(path)
         if problem is None:
@@ -294,6 +294,28 @@ def prune_checkpoints(output_dir: Path, *, keep: int, current: Path) -> list[Ski
         else:
             set_aside.append(SkippedCheckpoint(step, set_aside_checkpoint(path), problem))
     return set_aside
+
+
+def _delete(path: Path) -> None:
+    """Rename, then delete: a crash halfway leaves a hidden directory, never a half-deleted checkpoint."""
+    hidden = path.parent / f".pruned-{path.name}-{os.getpid()}"
+    shutil.rmtree(hidden, ignore_errors=True)
+    path.rename(hidden)
+    _verified.pop(str(path), None)
+    shutil.rmtree(hidden, ignore_errors=True)
+
+
+def sweep_leftovers(output_dir: Path, *, older_than_s: float = 3600.0) -> None:
+    """Delete hidden directories a killed writer left in `checkpoints/` (temporary copies, half-pruned
+    checkpoints) once they are old enough that no live writer can still own them."""
+    root = checkpoints_dir(output_dir)
+    if not root.is_dir():
+        return
+    cutoff = time.time() - older_than_s
+    for child in root.iterdir():
+        with contextlib.suppress(OSError):
+            if child.name.startswith(".") and child.is_dir() and child.stat().st_mtime < cutoff:
+                shutil.rmtree(child, ignore_errors=True)
 
 
 @contextlib.contextmanager

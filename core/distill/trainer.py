@@ -36,6 +36,7 @@ from core.distill.checkpoint import (
     set_aside_checkpoint,
     set_rng_state,
     storage_errors,
+    sweep_leftovers,
     verify_checkpoint,
 )
 from core.distill.data import DistillDataset, Example, build_student_example, collate, load_records
@@ -441,6 +442,7 @@ def _checkpoint(run: _Run) -> Path:
         spec=run.spec,
         trainer_state=_trainer_state(run),
     )
+    sweep_leftovers(run.output_dir)
     keep = run.spec.training.keep_checkpoints
     if keep is not None:
         for skipped in prune_checkpoints(run.output_dir, keep=keep, current=path):

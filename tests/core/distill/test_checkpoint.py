@@ -37,6 +37,7 @@ from core.distill.checkpoint import (
     write_trainer_state,
 )
 from core.distill.layout import checkpoint_path
+from core.distill.models import load_causal_lm, load_tokenizer
 from core.distill.trainer import train
 from tests.core.distill._trainer_utils import Recorder, tiny_spec, write_subset
 
@@ -204,6 +205,29 @@ def test_pruning_keeps_the_newest_good_checkpoints_and_sets_corrupt_ones_aside(r
 def test_pruning_counts_the_current_checkpoint_even_when_newer_ones_exist(run_dir):
     prune_checkpoints(run_dir, keep=1, current=checkpoint_path(run_dir, 2))
     assert [step for step, _ in list_checkpoints(run_dir)] == [2]
+
+
+def test_saving_a_step_again_replaces_it_whole(run_dir, spec):
+    path = checkpoint_path(run_dir, 4)
+    state = load_trainer_state(path) | {"step": 4, "note": "second copy"}
+    student, tokenizer = load_causal_lm(path), load_tokenizer(path)
+    assert (
+        ckpt.save_checkpoint(run_dir, 4, student=student, tokenizer=tokenizer, spec=spec, trainer_state=state)
+        == path
+    )
+    assert verify_checkpoint(path) is None and load_trainer_state(path)["note"] == "second copy"
+    assert not [p for p in (run_dir / "checkpoints").iterdir() if p.name.startswith(".")]
+
+
+def test_leftovers_of_a_killed_writer_are_swept_once_stale(run_dir):
+    root = run_dir / "checkpoints"
+    stale, fresh = root / ".tmp-step-00000005-123", root / ".pruned-step-00000001-456"
+    for leftover in (stale, fresh):
+        (leftover / "sub").mkdir(parents=True)
+    os.utime(stale, (1, 1))
+    ckpt.sweep_leftovers(run_dir)
+    assert not stale.exists() and fresh.is_dir()
+    assert [step for step, _ in list_checkpoints(run_dir)] == [1, 2, 3, 4]
 
 
 def test_training_keeps_two_checkpoints_by_default(tmp_path, tiny_teacher_dir, train_path):
