@@ -23,6 +23,7 @@ COPY core ./core
 COPY api ./api
 COPY worker ./worker
 COPY cli ./cli
+COPY distillery ./distillery
 COPY migrations ./migrations
 RUN pip install .
 
