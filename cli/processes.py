@@ -249,25 +249,23 @@ class Supervisor:
             process, service.process = service.process, None
             if process is None:
                 continue
+            how = "was stopped at shutdown" if process.alive() else describe_exit(process.returncode or 0)
             if process.alive():
                 log.info("stopping the %s (pid %d)", service.name, process.pid)
                 process.send_signal(signal.SIGTERM)
                 deadline = self.clock() + service.stop_grace_s
                 while process.wait(timeout=0.1) is None:
                     if force is not None and force.is_set():
-                        log.warning("forced: killing the %s (pid %d)", service.name, process.pid)
+                        how = "was killed at shutdown (forced)"
                         break
                     if self.clock() >= deadline:
-                        log.warning(
-                            "the %s (pid %d) did not stop within %g s: killing it",
-                            service.name,
-                            process.pid,
-                            service.stop_grace_s,
-                        )
+                        how = f"was killed at shutdown (still running after {service.stop_grace_s:g} s)"
                         break
-                process.send_signal(signal.SIGKILL)
-                process.wait()
-            self._run_exit_hook(service, process, "stopped (distill serve is shutting down)")
+                if process.alive():
+                    log.warning("the %s (pid %d) %s", service.name, process.pid, how)
+                    process.send_signal(signal.SIGKILL)
+                    process.wait()
+            self._run_exit_hook(service, process, how)
 
     def _start(self, service: _Service) -> str | None:
         service.restart_at = None

@@ -165,7 +165,11 @@ def test_shutdown_stops_in_order_and_kills_what_ignores_sigterm(tmp_path: Path) 
     began = time.monotonic()
     supervisor.shutdown()
     assert time.monotonic() - began < 4
-    assert [name for name, _ in stopped] == ["worker", "api", "reaper"]
+    assert stopped == [
+        ("worker", "was stopped at shutdown"),
+        ("api", "was killed at shutdown (still running after 0.5 s)"),
+        ("reaper", "was stopped at shutdown"),
+    ]
     assert [p.returncode for p in processes] == [-signal.SIGTERM, -signal.SIGKILL, -signal.SIGTERM]
     assert supervisor.processes == []
     assert supervisor.check() is None and supervisor.processes == []  # nothing comes back afterwards
@@ -174,12 +178,12 @@ def test_shutdown_stops_in_order_and_kills_what_ignores_sigterm(tmp_path: Path) 
 def test_a_forced_shutdown_does_not_wait_for_the_grace_period() -> None:
     clock = FakeClock()
     supervisor = Supervisor(clock=clock)
-    stubborn = FakeProcess("worker", ignores_sigterm=True)
-    supervisor.add("worker", lambda: stubborn, stop_grace_s=3600)
+    stubborn, exits = FakeProcess("worker", ignores_sigterm=True), []
+    supervisor.add("worker", lambda: stubborn, on_exit=lambda _, how: exits.append(how), stop_grace_s=3600)
     force = threading.Event()
     force.set()
     supervisor.shutdown(force)
-    assert stubborn.returncode == -signal.SIGKILL
+    assert stubborn.returncode == -signal.SIGKILL and exits == ["was killed at shutdown (forced)"]
 
 
 # ------------------------------------------------------------------------------- a dead worker's jobs
