@@ -238,9 +238,13 @@ def test_a_dead_workers_jobs_are_released_at_once_and_no_other_workers(
 
 
 # ----------------------------------------------------------------------------- a real `distill serve`
+TRAINER_NICE = 7
+
+
 def start_serve(home: Path, port: int, models: Path) -> ServiceProcess:
     env = {key: value for key, value in os.environ.items() if not key.startswith("DISTILL_")}
     env |= {"DISTILL_HOME": str(home), "DISTILL_MODEL_ROOTS": str(models), "DISTILL_TRAINER_THREADS": "1"}
+    env["DISTILL_TRAINER_NICE"] = str(TRAINER_NICE)
     return start_service("serve", distill_command("serve", "--port", str(port)), env, home.parent / "logs")
 
 
@@ -287,19 +291,16 @@ def test_serve_brings_back_a_killed_worker_and_api_and_stops_cleanly(
         [api], [worker], [reaper] = started(serve, "api"), started(serve, "worker"), started(serve, "reaper")
         own_nice = os.getpriority(os.PRIO_PROCESS, 0)
         assert os.getpriority(os.PRIO_PROCESS, api) == own_nice
-        assert os.getpriority(os.PRIO_PROCESS, worker) == max(own_nice, Settings().trainer_nice)
+        assert os.getpriority(os.PRIO_PROCESS, worker) == max(own_nice, TRAINER_NICE)
 
         # The worker killed in the middle of a job: its job is re-queued at once (not after the
         # reaper's 60 s) and the restarted worker resumes it.
         file_id = client.upload(write_dolly_subset(tmp_path / "dolly.jsonl"))
-        job = client.create_job(tiny_spec(tiny_teacher_dir, file_id, max_steps=16, checkpoint_every=2))
+        job = client.create_job(tiny_spec(tiny_teacher_dir, file_id, max_steps=8, checkpoint_every=4))
+        # Its trainer takes seconds to load torch and the models: killed well before the job can end.
         trainer = wait_for(lambda: trainer_of(worker), timeout=60, what="the job's trainer to start")
-        assert os.getpriority(os.PRIO_PROCESS, trainer) == max(own_nice, Settings().trainer_nice)
-        wait_for(
-            lambda: client.http.get(f"/v1/jobs/{job['id']}/checkpoints").json()["data"],
-            timeout=90,
-            what="a first checkpoint",
-        )
+        assert os.getpriority(os.PRIO_PROCESS, trainer) == max(own_nice, TRAINER_NICE)
+        assert client.job(job["id"])["status"] == "running"
         os.kill(worker, signal.SIGKILL)
         wait_for(
             lambda: any(
