@@ -8,12 +8,15 @@ from pathlib import Path
 
 import pytest
 from fastapi.testclient import TestClient
+from sqlalchemy import select
+from sqlalchemy.orm import Session
 
 from api.main import create_app
 from core.db import get_sessionmaker, utcnow
 from core.jobs.models import Job
+from core.jobs.states import JobStatus
 from core.tenants.keys import authenticate, create_api_key, ensure_bootstrap_key, hash_api_key, revoke_api_key
-from core.tenants.models import ApiKey
+from core.tenants.models import ApiKey, Tenant
 from migrations.runner import upgrade_database
 from tests.support.api import assert_error, dolly_lines, job_spec, upload
 from tests.support.live_api import DatabaseFactory, LiveApi, service_settings
@@ -38,13 +41,24 @@ def test_missing_or_bad_key_is_401(live_api: LiveApi) -> None:
         assert_error(revoked.get("/v1/jobs"), 401, "api_key_revoked")
 
 
-def test_unknown_routes_and_methods_use_the_error_shape(live_api: LiveApi) -> None:
+def test_unknown_routes_and_methods_use_the_error_shape(live_api: LiveApi, tiny_teacher_dir: Path) -> None:
+    _, owner_key = live_api.new_tenant("owner")
+    with live_api.client(owner_key) as owner:
+        train = upload(owner, dolly_lines(2)).json()["id"]
+        created = owner.post("/v1/jobs", json=job_spec(str(tiny_teacher_dir), train))
+        assert created.status_code == 201, created.text
+        existing = created.json()["id"]
     _, key = live_api.new_tenant()
     with live_api.client(key) as client:
         assert_error(client.get("/v1/nothing-here"), 404, "not_found")
-        assert_error(client.get("/v1/jobs/job_unknown"), 404, "job_not_found", "job_id")
+        unknown = assert_error(client.get("/v1/jobs/job_unknown"), 404, "job_not_found", "job_id")
+        # A job that exists, but is another tenant's, gets the very same answer as one that never did.
+        foreign = assert_error(client.get(f"/v1/jobs/{existing}"), 404, "job_not_found", "job_id")
+        assert foreign["message"] == unknown["message"].replace("job_unknown", existing)
         assert_error(client.delete("/v1/jobs"), 405, "method_not_allowed")
         assert_error(client.put("/v1/files"), 405, "method_not_allowed")
+    with live_api.client(owner_key) as owner:
+        assert owner.get(f"/v1/jobs/{existing}").status_code == 200  # it does exist
 
 
 def test_health_readiness_and_docs(live_api: LiveApi) -> None:
@@ -113,11 +127,14 @@ def test_auth_service(make_database: DatabaseFactory) -> None:
         second, _ = create_api_key(session, tenant_name="acme")
         assert second.tenant_id == key.tenant_id  # the tenant is reused
 
+        used_from = utcnow()
         tenant = authenticate(session, plaintext)
+        used_until = utcnow()
         assert tenant is not None and tenant.name == "acme"
         session.expire_all()
         first_use = session.get(ApiKey, key.id).last_used_at
         assert first_use is not None
+        assert used_from <= first_use <= used_until  # the time of this use, read back as aware UTC
         authenticate(session, plaintext)
         session.expire_all()
         assert session.get(ApiKey, key.id).last_used_at == first_use  # not rewritten within a minute
@@ -131,5 +148,30 @@ def test_auth_service(make_database: DatabaseFactory) -> None:
         boot = ensure_bootstrap_key(session, "bootstrap-secret")
         assert ensure_bootstrap_key(session, "bootstrap-secret").id == boot.id
         assert authenticate(session, "bootstrap-secret").name == "default"
-        assert session.query(Job).count() == 0
-        assert utcnow() > first_use
+        assert boot.tenant_id != key.tenant_id
+
+        # A new bootstrap secret (the setting changed) gives a new key for the same `default` tenant and
+        # leaves the rows already there as they were: that tenant's job, and the other tenant's keys.
+        default_tenant = boot.tenant_id
+        job = Job(tenant_id=default_tenant, spec={}, total_steps=4, max_attempts=1)
+        session.add(job)
+        session.commit()
+        job_id = job.id
+        acme_keys = _key_rows(session, key.tenant_id)
+        assert len(acme_keys) == 2
+
+        rotated = ensure_bootstrap_key(session, "bootstrap-secret-2")
+        assert rotated.id != boot.id and rotated.tenant_id == default_tenant
+        assert authenticate(session, "bootstrap-secret-2").name == "default"
+        session.expire_all()
+        assert _key_rows(session, key.tenant_id) == acme_keys
+        assert [(j.id, j.tenant_id, j.status) for j in session.query(Job)] == [
+            (job_id, default_tenant, JobStatus.QUEUED)
+        ]
+        assert sorted(session.scalars(select(Tenant.name))) == ["acme", "default"]
+
+
+def _key_rows(session: Session, tenant_id: str) -> dict[str, tuple[object, ...]]:
+    """A tenant's keys by id: what a stray update or delete would change."""
+    rows = session.scalars(select(ApiKey).where(ApiKey.tenant_id == tenant_id))
+    return {k.id: (k.key_hash, k.prefix, k.name, k.created_at, k.revoked_at) for k in rows}

