@@ -53,7 +53,14 @@ CORRUPT_SUFFIX = ".corrupt"
 _REQUIRED = (STATE_TENSORS, STATE_JSON, SPEC_FILE, "config.json")
 _STORAGE_FULL_ERRNOS = {errno.ENOSPC, errno.EDQUOT}
 # What libraries that wrap the write call (safetensors' Rust writer, torch's stream writer) say instead.
-_STORAGE_FULL_TEXTS = ("no space left on device", "disk quota exceeded", "storagefull", "os error 28")
+_STORAGE_FULL_TEXTS = (
+    "no space left on device",
+    "disk quota exceeded",
+    "storagefull",
+    "quotaexceeded",
+    "os error 28)",
+    "os error 122)",
+)
 
 
 class CheckpointError(RuntimeError):
