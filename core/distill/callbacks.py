@@ -24,6 +24,14 @@ class TrainerCallbacks:
     def on_checkpoint(self, step: int, path: Path, metrics: dict[str, float]) -> None:
         """A checkpoint directory was written atomically at `path`."""
 
+    def on_checkpoint_set_aside(self, step: int, path: Path, problem: str) -> None:
+        """The checkpoint of `step` failed verification and was renamed to `path` (never used again); the
+        default reports a warning event naming the step and the problem."""
+        self.on_event(
+            "warning",
+            f"the checkpoint of step {step} is corrupt ({problem}); set aside as {path.name} and not used",
+        )
+
     def on_event(self, kind: str, message: str) -> None:
         """Free-form lifecycle messages (loading models, data counts, warnings)."""
 

@@ -280,14 +280,7 @@ def _set_aside_corrupt(output_dir: Path, resume_from: Path | None, callbacks: Tr
         return
     for step, path in list_checkpoints(output_dir):
         if step > after and (problem := verify_checkpoint(path)) is not None:
-            _warn_corrupt(callbacks, step, set_aside_checkpoint(path), problem)
-
-
-def _warn_corrupt(callbacks: TrainerCallbacks, step: int, moved: Path, problem: str) -> None:
-    callbacks.on_event(
-        "warning",
-        f"the checkpoint of step {step} is corrupt ({problem}); set aside as {moved.name} and not used",
-    )
+            callbacks.on_checkpoint_set_aside(step, set_aside_checkpoint(path), problem)
 
 
 def _step_snapshot(run: _Run) -> dict[str, Any]:
@@ -446,7 +439,7 @@ def _checkpoint(run: _Run) -> Path:
     keep = run.spec.training.keep_checkpoints
     if keep is not None:
         for skipped in prune_checkpoints(run.output_dir, keep=keep, current=path):
-            _warn_corrupt(run.callbacks, skipped.step, skipped.path, skipped.problem)
+            run.callbacks.on_checkpoint_set_aside(skipped.step, skipped.path, skipped.problem)
     run.callbacks.on_checkpoint(run.step, path, dict(run.last_metrics))
     return path
 
