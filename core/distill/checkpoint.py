@@ -176,7 +176,7 @@ def verify_checkpoint(path: Path) -> str | None:
             return f"{name} is not a regular file"
         if present[name].stat().st_size != size:
             return f"{name} has {present[name].stat().st_size} bytes, the manifest says {size}"
-    signature = _signature(path, present)
+    signature = _signature(present)
     if _verified.get(str(path)) == signature:
         return None
     for name, (_, digest) in sorted(files.items()):
@@ -205,8 +205,9 @@ def _relative_files(path: Path) -> dict[str, Path]:
     return {p.relative_to(path).as_posix(): p for p in path.rglob("*") if not p.is_dir()}
 
 
-def _signature(path: Path, present: dict[str, Path]) -> tuple[tuple[str, int, int, int, int], ...]:
-    # ctime changes on every write and cannot be set back (unlike mtime); a rename keeps all of these.
+def _signature(present: dict[str, Path]) -> tuple[tuple[str, int, int, int, int], ...]:
+    # ctime changes on every write and cannot be set back (unlike mtime); renaming the checkpoint's
+    # directory changes none of these.
     stats = {name: file.stat() for name, file in present.items()}
     return tuple(sorted((n, s.st_size, s.st_mtime_ns, s.st_ctime_ns, s.st_ino) for n, s in stats.items()))
 
@@ -265,7 +266,7 @@ def save_checkpoint(
             if tmp.exists():
                 shutil.rmtree(tmp, ignore_errors=True)
     # Just hashed while writing: a resume or a prune in this process need not read it again.
-    _verified[str(final)] = _signature(final, _relative_files(final))
+    _verified[str(final)] = _signature(_relative_files(final))
     return final
 
 
