@@ -18,7 +18,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from api.errors import BodyTooLarge, UploadTooLarge, error_response, install_error_handlers
 from api.middleware import REQUEST_ID_HEADER, RequestContext
 from api.ratelimit import RATE_LIMIT_HEADERS, RateLimiter
-from api.routers import files, health, jobs, keys, outputs, tenants
+from api.routers import files, health, jobs, keys, outputs, tenants, webhooks
 from core.config import Settings, get_settings
 from core.db import get_engine, get_sessionmaker
 from core.logs import configure_logging
@@ -125,6 +125,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     install_error_handlers(app)
     for router in (files.router, jobs.router, outputs.router, keys.router, tenants.router, health.router):
         app.include_router(router)
+    app.include_router(webhooks.router)
     app.add_middleware(BodySizeLimit, max_bytes=settings.max_upload_bytes)
     _add_request_context(app, settings)
     return app

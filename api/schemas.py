@@ -2,17 +2,16 @@
 
 from __future__ import annotations
 
-import math
 from datetime import datetime
 from typing import Annotated, Any, Generic, TypeVar
 
 from fastapi import Path, Query
 from pydantic import BaseModel, Field
 
-from core.db import utcnow
 from core.files.models import File
 from core.jobs.models import Checkpoint, Job, JobEvent
 from core.jobs.states import JobStatus
+from core.jobs.views import job_view, json_safe
 
 T = TypeVar("T")
 
@@ -33,17 +32,6 @@ Step = Annotated[int, Path(ge=0, le=INT32_MAX, description="A training step.")]
 def cursor_query(description: str) -> Any:
     """The `after` query parameter of the keyset-paginated lists: an id from `next_cursor`."""
     return Query(min_length=1, max_length=ID_MAX_LENGTH, pattern=ID_PATTERN, description=description)
-
-
-def json_safe(value: Any) -> Any:
-    """NaN and ±inf (a diverged loss) become null: JSON has no such numbers."""
-    if isinstance(value, float) and not math.isfinite(value):
-        return None
-    if isinstance(value, dict):
-        return {key: json_safe(item) for key, item in value.items()}
-    if isinstance(value, list):
-        return [json_safe(item) for item in value]
-    return value
 
 
 class ErrorDetail(BaseModel):
@@ -113,36 +101,7 @@ class JobOut(BaseModel):
 
     @classmethod
     def of(cls, job: Job) -> JobOut:
-        step, total = job.current_step, max(job.total_steps, 1)
-        eta = None
-        if job.status == JobStatus.RUNNING and job.started_at is not None and 0 < step < total:
-            elapsed = (utcnow() - job.started_at).total_seconds()
-            eta = round(elapsed / step * (total - step), 1) if elapsed > 0 else None
-        error = None
-        if job.error_code is not None:
-            error = JobError(code=job.error_code, message=job.error_message or "")
-        return cls(
-            id=job.id,
-            status=job.status,
-            spec=job.spec,
-            progress=Progress(
-                step=step,
-                total_steps=job.total_steps,
-                percent=round(100.0 * min(step, total) / total, 2),
-                eta_seconds=eta,
-            ),
-            latest_metrics=json_safe(job.latest_metrics or {}),
-            error=error,
-            attempts=job.attempts,
-            max_attempts=job.max_attempts,
-            worker_id=job.worker_id,
-            created_at=job.created_at,
-            updated_at=job.updated_at,
-            started_at=job.started_at,
-            finished_at=job.finished_at,
-            cancel_requested_at=job.cancel_requested_at,
-            heartbeat_at=job.heartbeat_at,
-        )
+        return cls.model_validate(job_view(job))  # core.jobs.views: also the webhooks' `data`
 
 
 class EventOut(BaseModel):

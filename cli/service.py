@@ -55,6 +55,12 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     worker.add_argument("--name", default=None, help="Celery node name (default: distill-<random>@host).")
     worker.set_defaults(handler=run_worker)
 
+    webhooks = subparsers.add_parser(
+        "webhook-worker", help="Run a Celery worker that sends webhook deliveries (DISTILL_WEBHOOK_QUEUE)."
+    )
+    webhooks.add_argument("--concurrency", type=int, default=4, help="Deliveries sent at once (threads).")
+    webhooks.set_defaults(handler=run_webhook_worker)
+
     reaper = subparsers.add_parser(
         "reaper", help="Re-queue or fail jobs whose worker stopped sending heartbeats."
     )
@@ -114,6 +120,17 @@ def worker_command(
     ]  # fmt: skip
 
 
+def webhook_worker_command(settings: Settings, *, concurrency: int = 4) -> list[str]:
+    """A worker for the webhook queue alone: deliveries wait on the network, so threads, and never behind a
+    training job (the training worker's solo pool runs one job at a time)."""
+    return [
+        sys.executable, "-m", "celery", "-A", WORKER_APP, "worker",
+        "--pool", "threads", "--concurrency", str(concurrency), "--queues", settings.webhook_queue,
+        "--hostname", f"distill-webhooks-{secrets.token_hex(3)}@%h", "--loglevel", "INFO",
+        "--without-gossip", "--without-mingle",
+    ]  # fmt: skip
+
+
 def reaper_command() -> list[str]:
     return [sys.executable, "-m", "cli.main", "reaper"]
 
@@ -149,6 +166,14 @@ def run_worker(args: argparse.Namespace) -> int:
     prepare_local_dirs(settings)
     command = worker_command(settings, concurrency=args.concurrency, pool=args.pool, name=args.name)
     process_control.lower_priority(settings.trainer_nice)  # kept across exec, inherited by its trainers
+    os.execve(command[0], command, service_env(settings))
+    return 0  # not reached
+
+
+def run_webhook_worker(args: argparse.Namespace) -> int:
+    settings = get_settings()
+    prepare_local_dirs(settings)
+    command = webhook_worker_command(settings, concurrency=args.concurrency)
     os.execve(command[0], command, service_env(settings))
     return 0  # not reached
 
@@ -299,6 +324,12 @@ def run_serve(args: argparse.Namespace) -> int:
     supervisor.add(
         "reaper",
         lambda: ServiceProcess("reaper", reaper_command(), env=env, die_with_parent=True),
+        stop_grace_s=_STOP_GRACE_S,
+    )
+    webhooks = webhook_worker_command(settings)  # its own process: deliveries never wait for a training job
+    supervisor.add(
+        "webhooks",
+        lambda: ServiceProcess("webhooks", webhooks, env=env, die_with_parent=True),
         stop_grace_s=_STOP_GRACE_S,
     )
     url = f"http://{args.host}:{args.port}"

@@ -66,6 +66,21 @@ class Settings(BaseSettings):
     max_attempts: int = Field(default=3, ge=1)
     cancel_grace_s: float = Field(default=30.0, ge=0, description="Stop request → terminate after this.")
     task_queue: str = "distill"
+
+    # Webhooks (core/webhooks): deliveries go out from their own queue, so they never wait for a training job.
+    webhook_queue: str = Field(default="distill-webhooks", description="Celery queue of webhook deliveries.")
+    webhook_allow_hosts: Annotated[list[str], NoDecode] = Field(
+        default_factory=list,
+        description="Host names, addresses or CIDRs webhook URLs may point at although they are private, "
+        "loopback or link-local (comma-separated); public addresses are always allowed.",
+    )
+    webhook_retry_base_s: float = Field(
+        default=5.0, gt=0, description="First retry delay; later ones grow from it (about a day in all at 5 s)."
+    )
+    webhook_timeout_s: float = Field(default=10.0, gt=0, description="Timeout of one delivery attempt.")
+    webhook_dispatch_interval_s: float = Field(
+        default=1.0, gt=0, description="How often the reaper sends due webhook deliveries to their queue."
+    )
     trainer_threads: int = Field(
         default=0,
         ge=0,
@@ -81,6 +96,13 @@ class Settings(BaseSettings):
     @field_validator("model_roots", mode="before")
     @classmethod
     def _split_roots(cls, value: object) -> object:
+        if isinstance(value, str):
+            return [part for part in (p.strip() for p in value.split(",")) if part]
+        return value
+
+    @field_validator("webhook_allow_hosts", mode="before")
+    @classmethod
+    def _split_hosts(cls, value: object) -> object:
         if isinstance(value, str):
             return [part for part in (p.strip() for p in value.split(",")) if part]
         return value

@@ -12,6 +12,7 @@ from sqlalchemy import Connection
 import core.files.models  # noqa: F401
 import core.jobs.models  # noqa: F401
 import core.tenants.models  # noqa: F401
+import core.webhooks.models  # noqa: F401
 from core.config import get_settings
 from core.db import Base, get_engine
 

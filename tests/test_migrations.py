@@ -10,6 +10,7 @@ from sqlalchemy import inspect
 import core.files.models  # noqa: F401
 import core.jobs.models  # noqa: F401
 import core.tenants.models  # noqa: F401
+import core.webhooks.models  # noqa: F401
 from core.db import Base, get_engine
 from migrations.runner import current_revision, head_revision, upgrade_database
 

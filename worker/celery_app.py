@@ -24,3 +24,4 @@ def _die_with_main_process(**_: Any) -> None:
 
 
 import worker.tasks  # noqa: E402,F401  (registers the tasks on `app`)
+import worker.webhooks  # noqa: E402,F401  (the webhook delivery task)

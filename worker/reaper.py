@@ -11,6 +11,8 @@
   harmless, since a worker's claim is atomic and a second delivery of a claimed job is a no-op; a long
   queue that lost nothing is never flooded with duplicates. `enqueued_at` is moved forward by a
   conditional UPDATE first, so of two reapers only one sends.
+- Webhook deliveries: a thread sends the due ones to the webhook queue every `webhook_dispatch_interval_s`
+  (core.webhooks.delivery.dispatch_due).
 
 Messages are sent after the commit. A send that fails leaves the job queued: it is sent again
 `requeue_after_s` later.
@@ -31,6 +33,7 @@ from core.jobs.lifecycle import add_event, transition
 from core.jobs.models import Job
 from core.jobs.states import ACTIVE_STATES, JobStatus
 from core.queue import enqueue_job, queue_depth
+from core.webhooks.delivery import dispatch_due
 
 log = logging.getLogger(__name__)
 
@@ -191,9 +194,23 @@ def run_reaper(settings: Settings, stop: threading.Event | None = None) -> None:
         settings.requeue_after_s,
         settings.reaper_interval_s,
     )
+    webhooks = threading.Thread(target=run_webhook_dispatcher, args=(settings, stop), name="webhooks")
+    webhooks.start()
     while not stop.is_set():
         try:
             reap_once(settings)
         except Exception:
             log.exception("reaper pass failed")
         stop.wait(settings.reaper_interval_s)
+    webhooks.join()
+
+
+def run_webhook_dispatcher(settings: Settings, stop: threading.Event) -> None:
+    """Send due webhook deliveries to their queue every `webhook_dispatch_interval_s` until `stop` is set
+    (core.webhooks.delivery: new ones, retries whose time has come, and messages the broker lost)."""
+    while not stop.is_set():
+        try:
+            dispatch_due(settings)
+        except Exception:
+            log.exception("webhook dispatch failed")
+        stop.wait(settings.webhook_dispatch_interval_s)

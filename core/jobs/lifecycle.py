@@ -11,6 +11,8 @@ from sqlalchemy.orm import Session
 from core.db import utcnow
 from core.jobs.models import Job, JobEvent
 from core.jobs.states import JobStatus, check_resume, check_transition, sources_of
+from core.jobs.views import job_document
+from core.webhooks import service as webhooks
 
 
 def add_event(
@@ -27,12 +29,37 @@ def add_event(
     The job's row is locked first (PostgreSQL: the lock an UPDATE takes; SQLite has one writer anyway), so
     a job's events commit in the order of their ids: an event stream that resumes after event N
     (`Last-Event-ID`) can never miss an event with a smaller id that was still uncommitted when it read N.
+
+    Every state change and every new checkpoint is recorded here, so this is where their webhook deliveries
+    are added, in the same transaction (see `_notify_webhooks`).
     """
     session.execute(select(Job.id).where(Job.id == job_id).with_for_update(key_share=True))
     event = JobEvent(job_id=job_id, kind=kind, message=message, data=data, step=step)
     session.add(event)
     session.flush()
+    if kind == "status":
+        _notify_webhooks(session, job_id, f"job.{(data or {}).get('status')}")
+    elif kind == "checkpoint":
+        _notify_webhooks(session, job_id, "job.checkpoint")
     return event
+
+
+def _notify_webhooks(session: Session, job_id: str, event_type: str) -> None:
+    """Pending deliveries of `event_type` (`job.<status>`, `job.checkpoint`) to the webhooks of the job's
+    tenant; their `data` is the job as `GET /v1/jobs/{id}` shows it after the change, in this transaction.
+
+    core/webhooks knows nothing of jobs (it is handed the tenant and a payload builder): calling it from
+    here keeps one direction, jobs → webhooks, and no process can change a job without its deliveries."""
+    tenant_id = session.scalar(select(Job.tenant_id).where(Job.id == job_id))
+    if tenant_id is None:
+        return
+
+    def document() -> dict[str, Any]:
+        # The change was an UPDATE statement: refresh a copy of the row the session may already hold.
+        query = select(Job).where(Job.id == job_id).execution_options(populate_existing=True)
+        return job_document(session.scalars(query).one())
+
+    webhooks.record_event(session, tenant_id=tenant_id, event_type=event_type, job_id=job_id, data=document)
 
 
 def transition(
