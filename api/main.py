@@ -16,6 +16,7 @@ from sqlalchemy.exc import SQLAlchemyError
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from api.errors import BodyTooLarge, UploadTooLarge, error_response, install_error_handlers
+from api.metrics import install_metrics
 from api.middleware import REQUEST_ID_HEADER, RequestContext
 from api.ratelimit import RATE_LIMIT_HEADERS, RateLimiter
 from api.routers import files, health, jobs, keys, outputs, tenants, webhooks
@@ -127,6 +128,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         app.include_router(router)
     app.include_router(webhooks.router)
     app.add_middleware(BodySizeLimit, max_bytes=settings.max_upload_bytes)
+    install_metrics(app, settings)  # GET /metrics; counts every answer, a 413 included
     _add_request_context(app, settings)
     return app
 

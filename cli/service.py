@@ -157,7 +157,13 @@ def run_api(args: argparse.Namespace) -> int:
     settings = get_settings()
     prepare_local_dirs(settings)
     command = api_command(args.host, args.port, args.workers)
-    os.execve(command[0], command, service_env(settings))
+    env = service_env(settings)
+    if args.workers > 1 and not env.get("PROMETHEUS_MULTIPROC_DIR"):
+        # Each uvicorn worker counts its requests in files there; a scrape of any of them adds up all.
+        from api.metrics import fresh_multiprocess_dir
+
+        env["PROMETHEUS_MULTIPROC_DIR"] = str(fresh_multiprocess_dir(settings.home.resolve() / "prometheus"))
+    os.execve(command[0], command, env)
     return 0  # not reached
 
 

@@ -56,6 +56,15 @@ class Settings(BaseSettings):
     )
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
 
+    # Prometheus (api/metrics.py, worker/metrics.py).
+    metrics_enabled: bool = Field(default=True, description="Serve GET /metrics (Prometheus text format).")
+    metrics_token: str | None = Field(
+        default=None, description="When set, GET /metrics requires 'Authorization: Bearer <token>'."
+    )
+    worker_metrics_port: int = Field(
+        default=0, ge=0, le=65535, description="Port of a worker's own /metrics (job durations); 0 = off."
+    )
+
     max_upload_bytes: int = Field(default=200 * 1024 * 1024, ge=1)
     heartbeat_interval_s: float = Field(default=5.0, gt=0)
     stale_after_s: float = Field(default=60.0, gt=0, description="No heartbeat for this long → re-queue.")

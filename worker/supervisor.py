@@ -49,6 +49,7 @@ from core.queue import enqueue_job
 from core.storage import Storage
 from worker import process as process_control
 from worker.job_files import JobFiles
+from worker.metrics import observe_job_end
 
 log = logging.getLogger(__name__)
 
@@ -352,6 +353,8 @@ def _finish(attempt: _Attempt, settings: Settings, target: JobStatus, message: s
             **values,
         )
     log.info("job %s: %s", attempt.job_id, message)
+    if done:
+        observe_job_end(settings, attempt.job_id, target)
     return target.value if done else "lost"  # type: ignore[return-value]
 
 
