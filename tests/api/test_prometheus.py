@@ -6,6 +6,9 @@ metrics port with the duration of the job it ended."""
 from __future__ import annotations
 
 import math
+import os
+import subprocess
+import sys
 import threading
 import time
 from collections import defaultdict
@@ -18,7 +21,7 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 from sqlalchemy import update
 
-from api.metrics import REQUEST_BUCKETS, JobsCollector
+from api.metrics import REQUEST_BUCKETS, JobsCollector, fresh_multiprocess_dir
 from core.db import session_scope, utcnow
 from core.jobs.lifecycle import transition
 from core.jobs.models import Job
@@ -218,6 +221,18 @@ def test_the_metrics_token_and_switch(live_api: LiveApi) -> None:
         assert_error(httpx.get(f"{base_url}/metrics"), 404)
     finally:
         stop()
+
+
+def test_each_api_start_gets_an_empty_multiprocess_folder(tmp_path: Path) -> None:
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()  # its pid is free now
+    gone, living, own = (tmp_path / f"api-{pid}" for pid in (dead.pid, 1, os.getpid()))
+    for folder in (gone, living, own):
+        folder.mkdir()
+        (folder / "counter_7.db").write_bytes(b"stale")
+    assert fresh_multiprocess_dir(tmp_path) == own
+    assert not gone.exists() and list(own.iterdir()) == []
+    assert (living / "counter_7.db").is_file()  # another live process' folder stays
 
 
 # ------------------------------------------------------------------------- real service processes
