@@ -8,6 +8,7 @@ from typing import Annotated, Any, Generic, TypeVar
 from fastapi import Path, Query
 from pydantic import BaseModel, Field
 
+from core.errors import without_server_paths
 from core.files.models import File
 from core.jobs.models import Checkpoint, Job, JobEvent
 from core.jobs.states import JobStatus
@@ -104,6 +105,17 @@ class JobOut(BaseModel):
         return cls.model_validate(job_view(job))  # core.jobs.views: also the webhooks' `data`
 
 
+def _public(value: Any) -> Any:
+    """Event data as a tenant may read it: no server paths in any string."""
+    if isinstance(value, str):
+        return without_server_paths(value)
+    if isinstance(value, dict):
+        return {key: _public(item) for key, item in value.items()}
+    if isinstance(value, list):
+        return [_public(item) for item in value]
+    return value
+
+
 class EventOut(BaseModel):
     id: int
     job_id: str
@@ -118,8 +130,8 @@ class EventOut(BaseModel):
             id=row.id,
             job_id=row.job_id,
             kind=row.kind,
-            message=row.message,
-            data=json_safe(row.data),
+            message=without_server_paths(row.message),
+            data=_public(json_safe(row.data)),
             created_at=row.created_at,
         )
 

@@ -7,6 +7,8 @@ import re
 
 # A dotted field path named in a message, e.g. "... needs data.eval ...".
 _DOTTED_FIELD = re.compile(r"\b([a-z_]+(?:\.[a-z_]+)+)\b")
+# An absolute filesystem path of two or more parts (`/srv/models/tiny/config.json`), not an API route.
+_SERVER_PATH = re.compile(r"(?<![\w.~/-])/(?!v1/)(?:[\w.@+-]+/)+([\w.@+-]*)")
 
 
 class ServiceError(Exception):
@@ -57,6 +59,12 @@ class StorageUnavailable(ServiceError):
 
     def __init__(self, message: str = "the server's storage is unavailable; try again later") -> None:
         super().__init__("storage_unavailable", message)
+
+
+def without_server_paths(text: str) -> str:
+    """`text` with every absolute filesystem path cut to its last part (`.../config.json`): messages that
+    tenants read (events, a job's error, library errors passed on) must not show the server's folders."""
+    return _SERVER_PATH.sub(lambda match: f".../{match.group(1)}", text)
 
 
 def param_from_message(message: str) -> str | None:

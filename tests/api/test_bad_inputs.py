@@ -477,3 +477,25 @@ def test_infinity_is_refused_on_sqlite_and_postgres_alike(live_api: LiveApi, ctx
         job = client.get(f"/v1/jobs/{good.json()['id']}").json()
         assert job["spec"]["training"]["weight_decay"] == 0.5
         assert client.post(f"/v1/jobs/{job['id']}/cancel").status_code == 200
+
+
+def test_events_show_no_server_paths(live_api: LiveApi, ctx: Ctx, tiny_teacher_dir: Path) -> None:
+    from core.jobs.lifecycle import add_event
+
+    config = tiny_teacher_dir / "config.json"
+    with live_api.session() as session:
+        add_event(
+            session,
+            job_id=ctx.job,
+            kind="log",
+            message=f"loading teacher from {tiny_teacher_dir}: OSError: {config} unreadable",
+            data={"path": str(config), "nested": [f"at {tiny_teacher_dir}/x.py"], "route": "/v1/jobs"},
+        )
+        session.commit()
+    with live_api.client(ctx.key) as client:
+        (event,) = client.get(f"/v1/jobs/{ctx.job}/events").json()["data"][-1:]
+    assert (
+        event["message"]
+        == f"loading teacher from .../{tiny_teacher_dir.name}: OSError: .../config.json unreadable"
+    )
+    assert event["data"] == {"path": ".../config.json", "nested": ["at .../x.py"], "route": "/v1/jobs"}
