@@ -37,7 +37,7 @@ _STOP_GRACE_S = 5.0
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
-    """Add the `serve`, `api`, `worker` and `reaper` subcommands."""
+    """Add the `serve`, `api`, `worker`, `webhook-worker` and `reaper` subcommands."""
     serve = subparsers.add_parser("serve", help="Run the API, one worker and the reaper together.")
     serve.add_argument("--host", default="127.0.0.1")
     serve.add_argument("--port", type=int, default=8000)
