@@ -89,7 +89,11 @@ def dispatch_due(settings: Settings, *, now: datetime | None = None) -> list[str
             )
         )
         stale = WebhookDelivery.enqueued_at < now - timedelta(seconds=RESEND_AFTER_S)
-        lost = list(session.scalars(select(WebhookDelivery.id).where(*waiting, stale).order_by(*order)))
+        lost = list(
+            session.scalars(
+                select(WebhookDelivery.id).where(*waiting, stale).order_by(*order).limit(DISPATCH_BATCH)
+            )
+        )
         sent_waiting = 0
         if lost:
             query = select(func.count()).select_from(WebhookDelivery).where(*waiting)
@@ -104,7 +108,7 @@ def dispatch_due(settings: Settings, *, now: datetime | None = None) -> list[str
             if depth >= sent_waiting:
                 lost = []  # every message may still be waiting: a slow consumer, not a lost message
     candidates = [(delivery_id, _UNSENT) for delivery_id in unsent]
-    candidates += [(delivery_id, stale) for delivery_id in lost[:DISPATCH_BATCH]]
+    candidates += [(delivery_id, stale) for delivery_id in lost]
     taken: list[str] = []
     with session_scope(settings.database_url) as session:
         for delivery_id, condition in candidates:

@@ -139,7 +139,10 @@ def record_event(
     """
     if event_type not in EVENT_TYPES:
         return 0
-    hooks = session.execute(select(Webhook.id, Webhook.events).where(Webhook.tenant_id == tenant_id)).all()
+    # KEY SHARE (PostgreSQL): a webhook deleted meanwhile waits for this transaction instead of failing the
+    # job's change with a foreign-key error; rotations and other readers are not blocked.
+    query = select(Webhook.id, Webhook.events).where(Webhook.tenant_id == tenant_id)
+    hooks = session.execute(query.with_for_update(key_share=True)).all()
     subscribed = [webhook_id for webhook_id, events in hooks if event_type in events]
     if not subscribed:
         return 0

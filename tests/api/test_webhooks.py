@@ -355,3 +355,21 @@ def test_the_dispatcher_sends_each_due_delivery_once(
         )
     assert first not in delivery.dispatch_due(settings)
     assert first in delivery.dispatch_due(settings, now=utcnow() + timedelta(seconds=2))
+    # A message the broker lost is sent again once it has waited RESEND_AFTER_S, and only when the queue
+    # holds fewer messages than there are deliveries waiting for theirs.
+    later = utcnow() + timedelta(seconds=delivery.RESEND_AFTER_S + 1)
+    assert second not in delivery.dispatch_due(settings, now=later)  # its message still waits in the queue
+    _purge(settings)
+    assert second in delivery.dispatch_due(settings, now=later)
+
+
+def _purge(settings: Settings) -> None:
+    """The broker loses every message of the webhook queue."""
+    from kombu import Connection
+
+    from core.queue import celery_config
+
+    options = celery_config(settings).get("broker_transport_options") or {}
+    with Connection(settings.broker_url, transport_options=options) as connection:
+        connection.default_channel.queue_purge(settings.webhook_queue)
+    assert delivery._webhook_queue_depth(settings) == 0
