@@ -20,14 +20,16 @@ How an attempt ends:
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import logging
 import os
 import signal
 import subprocess
 import sys
+import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
@@ -286,7 +288,8 @@ def _crashed(attempt: _Attempt, settings: Settings, returncode: int, log_path: P
     """The trainer died without a word: re-queue the job to resume from its last usable checkpoint while
     it has attempts left; fail it otherwise."""
     message = _crash_message(returncode)
-    step = _resumable_step(attempt.files.root)
+    with _heartbeats(attempt, settings):  # verifying a large checkpoint takes a while
+        step = _resumable_step(attempt.files.root)
     if step is None or attempt.number >= attempt.max_attempts:
         if step is not None:
             message += f" (on each of its {attempt.number} attempts)"
@@ -316,6 +319,27 @@ def _crashed(attempt: _Attempt, settings: Settings, returncode: int, log_path: P
         # It stays queued; the reaper sends it again once it has waited `requeue_after_s`.
         log.exception("job %s: could not send the re-queued job", attempt.job_id)
     return "requeued"
+
+
+@contextlib.contextmanager
+def _heartbeats(attempt: _Attempt, settings: Settings) -> Iterator[None]:
+    """Keep the job's heartbeat going from a thread while this one does something slow after the trainer
+    ended, so that the reaper does not take the job away meanwhile."""
+    stop = threading.Event()
+
+    def beat() -> None:
+        while True:
+            _check_in(attempt, settings, heartbeat=True)
+            if stop.wait(settings.heartbeat_interval_s):
+                return
+
+    thread = threading.Thread(target=beat, name=f"heartbeat-{attempt.job_id}", daemon=True)
+    thread.start()
+    try:
+        yield
+    finally:
+        stop.set()
+        thread.join()
 
 
 def _resumable_step(job_dir: Path) -> int | None:

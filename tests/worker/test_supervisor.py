@@ -10,6 +10,7 @@ import signal
 import subprocess
 import sys
 import threading
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -296,3 +297,21 @@ def test_a_crash_next_to_a_corrupt_checkpoint_fails(
     (checkpoint / "model.safetensors").write_bytes(b"torn")  # no longer matches its manifest
     assert supervisor.run_job(job_id, settings, "w1", child_command=fake("crash")) == "failed"
     assert load(settings, job_id).error_code == "trainer_crashed" and sent == []
+
+
+def test_heartbeats_go_on_while_a_crash_is_examined(
+    settings: Settings, job_id: str, sent: list[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Verifying a large checkpoint after a crash takes time: the reaper must not see a silent worker."""
+    seen = []
+
+    def slow_verification(job_dir: Path) -> int:
+        before = load(settings, job_id).heartbeat_at
+        time.sleep(1.0)  # five heartbeat intervals
+        seen.append((before, load(settings, job_id).heartbeat_at))
+        return 3
+
+    monkeypatch.setattr(supervisor, "_resumable_step", slow_verification)
+    assert supervisor.run_job(job_id, settings, "w1", child_command=fake("crash")) == "requeued"
+    [(before, after)] = seen
+    assert before is not None and after is not None and after > before
