@@ -1,9 +1,11 @@
-"""Webhooks end to end on the embedded defaults (SQLite, SQLite broker): real `distill api`, `distill worker`,
-`distill reaper` (the dispatcher) and `distill webhook-worker` processes, a tiny job that trains to the
-end, and real HTTP receivers on 127.0.0.1 that verify every signature with the `standardwebhooks` library."""
+"""Webhooks end to end, on the embedded defaults (SQLite, SQLite broker) and on PostgreSQL with Redis: real
+`distill api`, `distill worker`, `distill reaper` (the dispatcher) and `distill webhook-worker` processes, a
+tiny job that trains to the end, and real HTTP receivers on 127.0.0.1 that verify every signature with the
+`standardwebhooks` library."""
 
 from __future__ import annotations
 
+import contextlib
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -12,10 +14,13 @@ from typing import Any
 import pytest
 
 from tests.support.services import (
+    REDIS_URL,
     TERMINAL,
     Stack,
     distill_command,
+    fresh_postgres_database,
     make_settings,
+    require_redis,
     sqlite_database,
     start_service,
     tiny_spec,
@@ -27,13 +32,33 @@ from tests.support.webhook_receiver import Receiver
 JOB_TIMEOUT_S = 120
 
 
-@pytest.fixture(scope="module")
-def stack(tmp_path_factory: pytest.TempPathFactory, tiny_teacher_dir: Path) -> Iterator[Stack]:
+@contextlib.contextmanager
+def _backend(kind: str, home: Path) -> Iterator[dict[str, str]]:
+    if kind == "embedded":
+        yield {"database_url": sqlite_database(home / "db")}
+        return
+    require_redis()
+    with fresh_postgres_database() as url:
+        yield {"database_url": url, "broker_url": REDIS_URL}
+
+
+@pytest.fixture(
+    scope="module",
+    params=["embedded", pytest.param("postgres-redis", marks=[pytest.mark.postgres, pytest.mark.redis])],
+)
+def stack(
+    request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory, tiny_teacher_dir: Path
+) -> Iterator[Stack]:
     home = tmp_path_factory.mktemp("webhooks")
+    with _backend(request.param, home) as backend:
+        yield from _stack(home, backend, tiny_teacher_dir)
+
+
+def _stack(home: Path, backend: dict[str, str], tiny_teacher_dir: Path) -> Iterator[Stack]:
     key = f"dk_test_{uuid.uuid4().hex}"
     settings = make_settings(
         home,
-        database_url=sqlite_database(home / "db"),
+        **backend,
         model_roots=[tiny_teacher_dir.parent],
         bootstrap_api_key=key,
         heartbeat_interval_s=1.0,
