@@ -46,7 +46,6 @@ from tests.support.services import (
 pytestmark = [pytest.mark.postgres, pytest.mark.redis]
 
 MAX_STEPS, CHECKPOINT_EVERY = 24, 12
-EVAL_STEPS = [0, 12, 24]
 SEED = int(os.environ.get("DISTILL_FAULTS_SEED", "20261201"))
 
 
@@ -100,17 +99,20 @@ def data(stack: Stack, tmp_path_factory: pytest.TempPathFactory) -> tuple[str, s
 
 
 # ------------------------------------------------------------------------------------------ checks
-def assert_every_step_once(client: ApiClient, job_id: str, *, checkpoints: bool = True) -> list[dict]:
+def assert_every_step_once(
+    client: ApiClient, job_id: str, *, checkpoints: bool = True, max_steps: int = MAX_STEPS
+) -> list[dict]:
     """Every step's metric, evaluation and checkpoint exactly once; returns the job's events."""
+    eval_steps = [0, *range(CHECKPOINT_EVERY, max_steps + 1, CHECKPOINT_EVERY)]
     series = client.http.get(f"/v1/jobs/{job_id}/metrics", params={"names": "loss,eval_loss"}).json()
     series = series["series"]
-    assert [p["step"] for p in series["loss"]] == list(range(1, MAX_STEPS + 1)), series["loss"]
-    assert [p["step"] for p in series["eval_loss"]] == EVAL_STEPS, series["eval_loss"]
+    assert [p["step"] for p in series["loss"]] == list(range(1, max_steps + 1)), series["loss"]
+    assert [p["step"] for p in series["eval_loss"]] == eval_steps, series["eval_loss"]
     events = client.events(job_id)
-    assert sorted(e["data"]["step"] for e in events if e["kind"] == "eval") == EVAL_STEPS
+    assert sorted(e["data"]["step"] for e in events if e["kind"] == "eval") == eval_steps
     if checkpoints:
         saved = sorted(e["data"]["step"] for e in events if e["kind"] == "checkpoint")
-        assert saved == list(range(CHECKPOINT_EVERY, MAX_STEPS + 1, CHECKPOINT_EVERY)), saved
+        assert saved == list(range(CHECKPOINT_EVERY, max_steps + 1, CHECKPOINT_EVERY)), saved
     assert sum(e["kind"] == "done" for e in events) == 1
     ids = [e["id"] for e in events]
     assert ids == sorted(set(ids))
@@ -229,7 +231,9 @@ def test_a_cancelled_job_resumed_by_the_user_finishes(
     stack: Stack, data: tuple[str, str], tiny_teacher_dir: Path
 ) -> None:
     client = stack.client
-    job_id = client.create_job(spec(tiny_teacher_dir, *data))["id"]
+    # Long enough that the cancel, sent at the first checkpoint, lands before the end (on a busy machine
+    # a stop takes a second or two to reach the trainer, dozens of tiny steps).
+    job_id = client.create_job(spec(tiny_teacher_dir, *data, max_steps=10 * MAX_STEPS))["id"]
     wait_for(
         lambda: client.http.get(f"/v1/jobs/{job_id}/checkpoints").json()["data"],
         timeout=120,
@@ -240,9 +244,9 @@ def test_a_cancelled_job_resumed_by_the_user_finishes(
     assert cancelled["status"] == "cancelled", cancelled
     response = client.http.post(f"/v1/jobs/{job_id}/resume")
     assert response.status_code == 200 and response.json()["status"] in ("queued", "running"), response.text
-    done = client.wait_status(job_id, TERMINAL, timeout=120, processes=stack.processes)
+    done = client.wait_status(job_id, TERMINAL, timeout=240, processes=stack.processes)
     assert done["status"] == "succeeded" and done["attempts"] == 1 and done["error"] is None, done
-    events = assert_every_step_once(client, job_id, checkpoints=False)
+    events = assert_every_step_once(client, job_id, checkpoints=False, max_steps=10 * MAX_STEPS)
     starts = start_steps(events)
     assert len(starts) == 2 and starts[1] >= CHECKPOINT_EVERY, starts
     assert any("resumed by the user" in e["message"] for e in events)

@@ -43,9 +43,10 @@ class LossParam:
 LOSS_PARAMS: Mapping[str, LossParam] = MappingProxyType(
     {
         "temperature": LossParam(1.0, "Softmax temperature of both models' logits.", gt=0.0, le=100.0),
-        # α and the α-β pair are exponents: bounded at ±100 (the numerics tests go to ±40), so that a typo
-        # like 1e30 is refused when the job is submitted instead of failing as a NaN loss mid-training.
-        "alpha": LossParam(0.5, "AMiD mixture α (a real number in [-100, 100]).", ge=-100.0, le=100.0),
+        # Bounded so that a typo like 1e30 is refused when the job is submitted instead of failing as a NaN
+        # loss mid-training: α to ±10^4 (the losses are tested finite in float32 up to there), the α-β
+        # divergence's exponents to ±100.
+        "alpha": LossParam(0.5, "AMiD mixture α (a real number in [-10000, 10000]).", ge=-1e4, le=1e4),
         "lam": LossParam(0.1, "AMiD teacher weight λ in [0, 1].", ge=0.0, le=1.0),
         "divergence": LossParam(
             "kl", "AMiD's divergence between the models and the assistant.", choices=DIVERGENCES
