@@ -1,5 +1,5 @@
 """The house's rules, read from the import statements of every module: core never reaches up, the API
-never imports the worker, and the domains depend one way (jobs → files → tenants)."""
+never imports the worker, and the domains depend one way (sweeps → jobs → webhooks, files → tenants)."""
 
 from __future__ import annotations
 
@@ -49,9 +49,11 @@ def _offenders(package: str, forbidden: tuple[str, ...]) -> list[str]:
         ("api", ("worker", "cli")),
         ("worker", ("api", "cli")),
         ("migrations", ("api", "worker", "cli")),
-        ("core/tenants", ("core.files", "core.jobs")),
-        ("core/files", ("core.jobs",)),
-        ("core/distill", ("core.jobs", "core.files", "core.tenants")),
+        ("core/tenants", ("core.files", "core.jobs", "core.webhooks", "core.sweeps")),
+        ("core/files", ("core.jobs", "core.webhooks", "core.sweeps")),
+        ("core/webhooks", ("core.jobs", "core.files", "core.sweeps")),
+        ("core/jobs", ("core.sweeps",)),
+        ("core/distill", ("core.jobs", "core.files", "core.tenants", "core.webhooks", "core.sweeps")),
     ],
 )
 def test_imports_run_one_way(package: str, forbidden: tuple[str, ...]) -> None:

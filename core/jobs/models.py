@@ -1,5 +1,5 @@
-"""Jobs and what they produce (events, metrics, checkpoints). SQLAlchemy 2.0 declarative models; Alembic
-owns the schema."""
+"""Jobs, what they produce (events, metrics, checkpoints), and sweeps (groups of jobs over a grid).
+SQLAlchemy 2.0 declarative models; Alembic owns the schema."""
 
 from __future__ import annotations
 
@@ -23,6 +23,24 @@ from sqlalchemy.orm import Mapped, mapped_column
 import core.tenants.models  # noqa: F401  (the `tenants` table the foreign key names)
 from core.db import Base, BigIntPK, UTCDateTime, new_id, utcnow
 from core.jobs.states import JobStatus
+
+
+class Sweep(Base):
+    """One request that trains a job per point of a grid over spec fields; its children are jobs."""
+
+    __tablename__ = "sweeps"
+    __table_args__ = (Index("ix_sweeps_tenant_created", "tenant_id", "created_at", "id"),)
+
+    id: Mapped[str] = mapped_column(String(40), primary_key=True, default=lambda: new_id("swp"))
+    tenant_id: Mapped[str] = mapped_column(ForeignKey("tenants.id", ondelete="CASCADE"))
+    spec: Mapped[dict[str, Any]] = mapped_column(JSON)
+    # {"loss.alpha": [-1, 0.5], ...}: dotted spec paths to the values tried.
+    grid: Mapped[dict[str, list[Any]]] = mapped_column(JSON)
+    metric: Mapped[str] = mapped_column(String(64))
+    mode: Mapped[str] = mapped_column(String(8))
+    max_parallel: Mapped[int | None] = mapped_column(Integer)
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime(), default=utcnow)
+    cancelled_at: Mapped[datetime | None] = mapped_column(UTCDateTime())
 
 
 class Job(Base):
@@ -66,6 +84,11 @@ class Job(Base):
     started_at: Mapped[datetime | None] = mapped_column(UTCDateTime())
     finished_at: Mapped[datetime | None] = mapped_column(UTCDateTime())
     cancel_requested_at: Mapped[datetime | None] = mapped_column(UTCDateTime())
+    # The user's labels (string → string, at most 16), given at creation and filterable in the list.
+    user_metadata: Mapped[dict[str, str] | None] = mapped_column("metadata", JSON)
+    # A sweep's child: its sweep and the grid values it was made with ({"loss.alpha": 0.5, ...}).
+    sweep_id: Mapped[str | None] = mapped_column(ForeignKey("sweeps.id", ondelete="CASCADE"), index=True)
+    sweep_params: Mapped[dict[str, Any] | None] = mapped_column(JSON)
     # When the job's message was last sent to the broker (see worker.reaper: lost messages are re-sent).
     enqueued_at: Mapped[datetime | None] = mapped_column(UTCDateTime())
 
