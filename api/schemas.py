@@ -39,6 +39,7 @@ class ErrorDetail(BaseModel):
     code: str
     message: str
     param: str | None = None
+    request_id: str | None = Field(default=None, description="The request's X-Request-ID, for support.")
 
 
 class ErrorResponse(BaseModel):
@@ -120,6 +121,7 @@ class EventOut(BaseModel):
     id: int
     job_id: str
     kind: str
+    step: int | None = Field(default=None, description="The training step the event reports, if any.")
     message: str
     data: dict[str, Any] | None
     created_at: datetime
@@ -130,6 +132,7 @@ class EventOut(BaseModel):
             id=row.id,
             job_id=row.job_id,
             kind=row.kind,
+            step=row.step,
             message=without_server_paths(row.message),
             data=_public(json_safe(row.data)),
             created_at=row.created_at,

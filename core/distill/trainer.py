@@ -373,11 +373,12 @@ def _train_step(run: _Run, step: int) -> dict[str, float]:
     run.scheduler.step()
     run.optimizer.zero_grad(set_to_none=True)
 
+    step_time_s = time.perf_counter() - started
     metrics = totals | {
         "lr": lr,
         "grad_norm": grad_norm,
-        "tokens_per_s": sum(int(b["attention_mask"].sum()) for b in batches)
-        / (time.perf_counter() - started),
+        "step_time_s": step_time_s,
+        "tokens_per_s": sum(int(b["attention_mask"].sum()) for b in batches) / step_time_s,
         "teacher_time_s": teacher_s,
         "student_time_s": student_s,
         "response_tokens": normalizer,

@@ -89,6 +89,9 @@ def test_tiny_run_lowers_the_kd_loss_and_saves_a_loadable_student(
         # backward passes alone and the wall time around the whole step.
         rate = metrics["tokens_per_s"]
         assert tokens / step_s <= rate <= tokens / (teacher_s + student_s), (step, rate, tokens)
+        # The step's own duration: the forward and backward passes plus the optimizer, within the wall time.
+        assert teacher_s + student_s < metrics["step_time_s"] <= step_s, step
+        assert rate == pytest.approx(tokens / metrics["step_time_s"]), step
     assert [recorder.steps[s]["lr"] for s in range(1, 13)] == sorted(
         (recorder.steps[s]["lr"] for s in range(1, 13)), reverse=True
     )
