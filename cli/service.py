@@ -131,6 +131,12 @@ def webhook_worker_command(settings: Settings, *, concurrency: int = 4) -> list[
     ]  # fmt: skip
 
 
+def webhook_worker_env(env: dict[str, str]) -> dict[str, str]:
+    """The webhook worker's environment: it trains nothing, so it leaves the worker metrics port (the
+    training worker's job-duration histogram) to the training worker on the same host."""
+    return env | {"DISTILL_WORKER_METRICS_PORT": "0"}
+
+
 def reaper_command() -> list[str]:
     return [sys.executable, "-m", "cli.main", "reaper"]
 
@@ -180,7 +186,7 @@ def run_webhook_worker(args: argparse.Namespace) -> int:
     settings = get_settings()
     prepare_local_dirs(settings)
     command = webhook_worker_command(settings, concurrency=args.concurrency)
-    os.execve(command[0], command, service_env(settings))
+    os.execve(command[0], command, webhook_worker_env(service_env(settings)))
     return 0  # not reached
 
 
@@ -335,7 +341,7 @@ def run_serve(args: argparse.Namespace) -> int:
     webhooks = webhook_worker_command(settings)  # its own process: deliveries never wait for a training job
     supervisor.add(
         "webhooks",
-        lambda: ServiceProcess("webhooks", webhooks, env=env, die_with_parent=True),
+        lambda: ServiceProcess("webhooks", webhooks, env=webhook_worker_env(env), die_with_parent=True),
         stop_grace_s=_STOP_GRACE_S,
     )
     url = f"http://{args.host}:{args.port}"
