@@ -69,7 +69,11 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 # ------------------------------------------------------------------------------------------- helpers
 def _configure_logging() -> None:
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    """Text or JSON lines (DISTILL_LOG_FORMAT), as the API logs, for serve's own process and the reaper."""
+    from core.logs import configure_logging
+
+    settings = get_settings()
+    configure_logging(settings.log_format, settings.log_level)
 
 
 def _sqlite_file(url: str) -> Path | None:

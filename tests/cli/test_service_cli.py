@@ -98,3 +98,35 @@ def test_distill_worker_trains_at_the_configured_niceness(tmp_path: Path) -> Non
         assert os.getpriority(os.PRIO_PROCESS, worker.pid) == max(6, os.getpriority(os.PRIO_PROCESS, 0))
     finally:
         process_control.stop([worker], grace_s=5)
+
+
+def test_reaper_logs_json_lines_when_asked(tmp_path: Path) -> None:
+    import json
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    from migrations.runner import upgrade_database
+
+    url = f"sqlite:///{tmp_path / 'distill.db'}"
+    upgrade_database(url)
+    env = {k: v for k, v in os.environ.items() if not k.startswith("DISTILL_")}
+    env |= {"DISTILL_HOME": str(tmp_path), "DISTILL_DATABASE_URL": url, "DISTILL_LOG_FORMAT": "json"}
+    reaper = subprocess.Popen(
+        [sys.executable, "-m", "cli.main", "reaper"], env=env, stderr=subprocess.PIPE, text=True
+    )
+    time.sleep(3)
+    reaper.send_signal(signal.SIGTERM)
+    _, err = reaper.communicate(timeout=30)
+    lines = [line for line in err.splitlines() if line.strip()]
+    assert lines, "the reaper logged nothing"
+    records = [json.loads(line) for line in lines]  # every line is one JSON object
+    assert any("reaper started" in record["message"] for record in records)
+    assert all({"level", "logger", "message"} <= record.keys() for record in records)
+
+
+def test_the_webhook_worker_leaves_the_metrics_port_alone() -> None:
+    env = service_cli.webhook_worker_env({"DISTILL_WORKER_METRICS_PORT": "9100", "PATH": "/bin"})
+    assert env == {"DISTILL_WORKER_METRICS_PORT": "0", "PATH": "/bin"}
