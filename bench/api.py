@@ -249,6 +249,12 @@ def main() -> int:
     )
     parser.add_argument("--api-workers", type=int, default=1)
     parser.add_argument(
+        "--trainer-nice",
+        type=int,
+        default=Settings.model_fields["trainer_nice"].default,
+        help="Niceness of the worker and its trainers (0: the same CPU priority as the API).",
+    )
+    parser.add_argument(
         "--trainer-threads",
         type=int,
         default=None,
@@ -291,11 +297,14 @@ def main() -> int:
         port = 18000 + random.randrange(1000)
         logs = home / "logs"
         logs.mkdir()
-        for name, command in (
-            ("api", api_command("127.0.0.1", port, args.api_workers)),
-            ("worker", worker_command(settings)),
+        for name, command, nice in (
+            ("api", api_command("127.0.0.1", port, args.api_workers), 0),
+            # As `distill worker` / `serve` start it: the worker and its trainers at the trainer niceness.
+            ("worker", worker_command(settings), args.trainer_nice),
         ):
-            processes.append(ServiceProcess(name, command, env=env, log_path=logs / f"{name}.log", cwd=REPO))
+            processes.append(
+                ServiceProcess(name, command, env=env, log_path=logs / f"{name}.log", cwd=REPO, nice=nice)
+            )
 
         base_url = f"http://127.0.0.1:{port}"
         client = httpx.Client(base_url=base_url, headers={"Authorization": f"Bearer {key}"}, timeout=30)
@@ -339,6 +348,7 @@ def main() -> int:
             "interval_s": args.interval,
             "api_workers": args.api_workers,
             "trainer_threads": settings.trainer_threads,
+            "trainer_nice": args.trainer_nice,
             "requests_per_s": (len(gets.samples) + len(posts.samples)) / args.seconds,
             "get_job": gets.summary(),
             "post_job": posts.summary(),
