@@ -386,7 +386,8 @@ def print_report(r: dict[str, Any]) -> None:
     before, after, loaded, ratio = (r["training_quiet_before"], r["training_quiet_after"], r["training_under_polling"], r["throughput_ratio"])  # fmt: skip
     print()
     print(
-        f"backend {r['backend']}, {r['cpus']} CPUs, trainer threads {r['trainer_threads']}, "
+        f"backend {r['backend']}, {r['cpus']} CPUs, trainer threads {r['trainer_threads']} at nice "
+        f"{r['trainer_nice']}, "
         f"{r['api_workers']} API worker(s), {r['clients']} clients every {r['interval_s']:g} s "
         f"({r['requests_per_s']:.0f} requests/s)"
     )
