@@ -29,7 +29,10 @@ class Sweep(Base):
     """One request that trains a job per point of a grid over spec fields; its children are jobs."""
 
     __tablename__ = "sweeps"
-    __table_args__ = (Index("ix_sweeps_tenant_created", "tenant_id", "created_at", "id"),)
+    __table_args__ = (
+        UniqueConstraint("tenant_id", "idempotency_key"),
+        Index("ix_sweeps_tenant_created", "tenant_id", "created_at", "id"),
+    )
 
     id: Mapped[str] = mapped_column(String(40), primary_key=True, default=lambda: new_id("swp"))
     tenant_id: Mapped[str] = mapped_column(ForeignKey("tenants.id", ondelete="CASCADE"))
@@ -41,6 +44,7 @@ class Sweep(Base):
     max_parallel: Mapped[int | None] = mapped_column(Integer)
     created_at: Mapped[datetime] = mapped_column(UTCDateTime(), default=utcnow)
     cancelled_at: Mapped[datetime | None] = mapped_column(UTCDateTime())
+    idempotency_key: Mapped[str | None] = mapped_column(String(255))
 
 
 class Job(Base):
