@@ -24,6 +24,7 @@ from core.jobs.models import Job
 from core.storage import Storage
 from worker.job_files import EXIT_TRAINING_FAILED, JobFiles
 from worker.progress import DatabaseCallbacks
+from worker.student_card import write_job_student_card
 
 
 # ---------------------------------------------------------------------------------------- error codes
@@ -114,6 +115,15 @@ def main(argv: list[str] | None = None) -> int:
         result = train(
             spec, output_dir=output_dir, callbacks=callbacks, resume_from=resume_from, device=args.device
         )
+        if result.student_dir is not None:
+            write_job_student_card(
+                settings=settings,
+                job_id=args.job_id,
+                trained_spec=spec,
+                student_dir=result.student_dir,
+                steps=result.step,
+                metrics=result.metrics,
+            )
         callbacks.flush()
     except Exception as exc:
         traceback.print_exc()
