@@ -88,6 +88,7 @@ class JobOut(BaseModel):
     id: str
     status: JobStatus
     spec: dict[str, Any]
+    sweep_id: str | None = Field(default=None, description="The sweep that created the job, if any.")
     progress: Progress
     latest_metrics: dict[str, Any]
     error: JobError | None

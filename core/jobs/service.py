@@ -11,7 +11,7 @@ from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
-from sqlalchemy import func, select
+from sqlalchemy import ColumnElement, func, or_, select
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
@@ -172,6 +172,37 @@ def create_job(
     return job, True
 
 
+def add_queued_job(
+    *, session: Session, settings: Settings, tenant_id: str, spec: JobSpec, send: bool, **columns: Any
+) -> Job:
+    """Add a queued job and its event without committing, for a caller that creates several jobs in one
+    transaction (a sweep). `spec` must have passed `validate_spec`. With `send`, `enqueued_at` is set and
+    the caller sends its message after the commit (`enqueue_job`); without, the job is held (`enqueued_at`
+    NULL, see `sent_to_queue`) until its caller sends it."""
+    parsed = resolve_model_names(spec, settings)
+    job = Job(
+        tenant_id=tenant_id,
+        status=JobStatus.QUEUED,
+        spec=parsed.model_dump(mode="json"),
+        total_steps=parsed.training.max_steps,
+        max_attempts=settings.max_attempts,
+        latest_metrics={},
+        enqueued_at=utcnow() if send else None,
+        **columns,
+    )
+    session.add(job)
+    session.flush()
+    message = "job queued" if send else "job queued; its sweep sends it once a max_parallel slot frees"
+    add_event(session, job_id=job.id, kind="status", message=message, data={"status": "queued"})
+    return job
+
+
+def sent_to_queue() -> ColumnElement[bool]:
+    """Jobs whose message was sent to the broker: all but a sweep's children held back by its
+    `max_parallel` (queued with `enqueued_at` NULL). Jobs from before `enqueued_at` existed have no sweep."""
+    return or_(Job.enqueued_at.is_not(None), Job.sweep_id.is_(None))
+
+
 def _enqueue(*, session: Session, settings: Settings, job: Job) -> None:
     try:
         enqueue_job(settings, job.id)
@@ -327,7 +358,7 @@ def queued_jobs_waiting(*, session: Session, longer_than_s: float) -> int:
     cutoff = utcnow() - timedelta(seconds=longer_than_s)
     since = func.coalesce(Job.enqueued_at, Job.created_at)  # jobs from before `enqueued_at` existed
     query = select(func.count()).select_from(Job).where(Job.status == JobStatus.QUEUED, since < cutoff)
-    return session.scalar(query) or 0
+    return session.scalar(query.where(sent_to_queue())) or 0
 
 
 def list_events(

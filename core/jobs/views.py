@@ -38,6 +38,7 @@ def job_view(job: Job) -> dict[str, Any]:
         "id": job.id,
         "status": job.status,
         "spec": job.spec,
+        "sweep_id": job.sweep_id,  # a sweep's child (GET /v1/sweeps/{id}), else null
         "progress": {
             "step": step,
             "total_steps": job.total_steps,
