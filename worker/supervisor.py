@@ -185,7 +185,7 @@ def _supervise(attempt: _Attempt, settings: Settings, command: list[str]) -> Out
             stderr=subprocess.STDOUT,
             env=env,
             start_new_session=True,  # its own process group: a kill reaches its helpers too
-            preexec_fn=functools.partial(process_control.child_preexec, os.getpid()),
+            preexec_fn=functools.partial(process_control.child_preexec, os.getpid(), settings.trainer_nice),
         )
     log.info("job %s attempt %d: trainer pid %d", attempt.job_id, attempt.number, process.pid)
     check_interval = min(1.0, settings.heartbeat_interval_s)

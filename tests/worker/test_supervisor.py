@@ -33,6 +33,7 @@ from tests.support.services import (
     tiny_spec,
     wait_for,
 )
+from tests.worker.test_process import niceness
 from worker import job_files, supervisor
 from worker import process as process_control
 
@@ -165,6 +166,30 @@ def test_cancellation_is_a_stop_request_the_trainer_obeys(settings: Settings, jo
     thread.join()
     assert load(settings, job_id).status is JobStatus.CANCELLED
     assert (Storage(settings.artifacts).job_dir(job_id) / job_files.STOP_FILE).exists()
+
+
+def test_the_trainer_runs_at_the_configured_niceness(settings: Settings, job_id: str) -> None:
+    """Every worker's trainers train at `trainer_nice`, however the worker was started (`distill serve`
+    renices its worker; a plain Celery worker relies on the supervisor)."""
+    own = os.getpriority(os.PRIO_PROCESS, 0)
+    if own >= 19:
+        pytest.skip("the tests already run at the lowest priority")
+    settings.trainer_nice = min(19, own + 6)
+    seen: list[int] = []
+
+    def observe_then_cancel() -> None:
+        seen.append(niceness(started_pid(settings, job_id)))
+        with session_scope(settings.database_url) as session:
+            assert transition(
+                session, job_id=job_id, target=JobStatus.CANCELLING, expected=[JobStatus.RUNNING]
+            )
+
+    thread = threading.Thread(target=observe_then_cancel)
+    thread.start()
+    assert supervisor.run_job(job_id, settings, "w1", child_command=fake("obey_stop")) == "cancelled"
+    thread.join()
+    assert seen == [settings.trainer_nice]
+    assert os.getpriority(os.PRIO_PROCESS, 0) == own  # the worker itself is left as it was
 
 
 def test_a_trainer_ignoring_the_stop_request_is_killed(
