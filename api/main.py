@@ -19,7 +19,7 @@ from api.errors import BodyTooLarge, UploadTooLarge, error_response, install_err
 from api.metrics import install_metrics
 from api.middleware import REQUEST_ID_HEADER, RequestContext
 from api.ratelimit import RATE_LIMIT_HEADERS, RateLimiter
-from api.routers import files, health, jobs, keys, outputs, tenants, webhooks
+from api.routers import files, health, jobs, keys, outputs, sweeps, tenants, webhooks
 from core.config import Settings, get_settings
 from core.db import get_engine, get_sessionmaker
 from core.logs import configure_logging
@@ -127,6 +127,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     for router in (files.router, jobs.router, outputs.router, keys.router, tenants.router, health.router):
         app.include_router(router)
     app.include_router(webhooks.router)
+    app.include_router(sweeps.router)
     app.add_middleware(BodySizeLimit, max_bytes=settings.max_upload_bytes)
     install_metrics(app, settings)  # GET /metrics; counts every answer, a 413 included
     _add_request_context(app, settings)
