@@ -13,9 +13,13 @@ import argparse
 import json
 import sys
 from pathlib import Path
-from typing import Any, TextIO
+from typing import TYPE_CHECKING, Any, TextIO
 
 from core.distill.callbacks import TrainerCallbacks
+
+if TYPE_CHECKING:
+    from core.distill.spec import JobSpec
+    from core.distill.trainer import TrainResult
 
 EXIT_ERROR = 1
 EXIT_USAGE = 2
@@ -165,11 +169,34 @@ def run_train(args: argparse.Namespace) -> int:
         return EXIT_ERROR
     finally:
         callbacks.close()
+    _write_card(spec, result)
     summary = {
         k: round(v, 4) for k, v in result.metrics.items() if k in ("loss", "eval_rouge_l", "eval_kd_loss")
     }
     print(f"done at step {result.step}: {summary}; student in {result.student_dir}")
     return 0
+
+
+def _write_card(spec: JobSpec, result: TrainResult) -> None:
+    """The student's model card and distillery.json (no job id; the data files hashed here)."""
+    from core.distill.model_card import local_data_file, teacher_license, write_student_card
+
+    if result.student_dir is None:  # stopped before max_steps: no student to describe
+        return
+    data_files = {
+        field: local_data_file(path)
+        for field in ("train", "eval")
+        if (path := getattr(spec.data, field)) is not None
+    }
+    write_student_card(
+        result.student_dir,
+        spec,
+        job_id=None,
+        data_files=data_files,
+        steps=result.step,
+        metrics=result.metrics,
+        teacher_license=teacher_license(spec.teacher.model),
+    )
 
 
 def run_eval(args: argparse.Namespace) -> int:

@@ -136,8 +136,8 @@ def model_card(
         ("KD ratio", f"{spec.kd_ratio:g} (kd_ratio · KD + (1 − kd_ratio) · CE on the response tokens)"),
         ("Strategy", spec.strategy.name.replace("_", "-")),
         ("Steps", f"{steps} of {t.max_steps}"),
-        ("Batch", f"{t.batch_size} sequences × {t.grad_accum} accumulation steps, max length "
-                  f"{spec.data.max_length} tokens (prompt ≤ {spec.data.max_prompt_length})"),
+        ("Batch", f"{t.batch_size * t.grad_accum} sequences per step ({t.grad_accum} × {t.batch_size}), "
+                  f"at most {spec.data.max_length} tokens each (prompt ≤ {spec.data.max_prompt_length})"),
         ("Learning rate", f"{t.learning_rate:g}, {t.scheduler} schedule, {t.warmup_steps} warm-up steps, "
                           f"weight decay {t.weight_decay:g}"),
         ("Seed", str(t.seed)),
