@@ -31,7 +31,7 @@ DEV_KEY_FILE = "dev-api-key"
 API_APP = "api.main:create_app"
 WORKER_APP = "worker.celery_app"
 # How long each part of `distill serve` gets to stop on Ctrl-C before it is killed. The worker's warm
-# shutdown waits for its job: a job still training then is killed and re-queued (`release_worker_jobs`).
+# shutdown waits for its job: a job still training then is killed and re-queued (`reap_worker`).
 _WORKER_STOP_GRACE_S = 10.0
 _STOP_GRACE_S = 5.0
 
@@ -205,80 +205,6 @@ def run_reaper_command(args: argparse.Namespace) -> int:
     return 0
 
 
-def release_worker_jobs(settings: Settings, node: str, how: str) -> list[str]:
-    """Hand back the active jobs of the Celery worker `node`, which is gone (`how`: "was killed by
-    SIGKILL"): as the reaper would once their heartbeats went stale, but at once. Returns the re-queued ids.
-
-    Only jobs whose `worker_id` ("<node>:<pid>") names this node are touched, and each change re-checks
-    it, so a job another worker has claimed since is left alone. Node names are unique per start.
-    """
-    from sqlalchemy import select
-
-    from core.db import session_scope, utcnow
-    from core.jobs.lifecycle import transition
-    from core.jobs.models import Job
-    from core.jobs.states import ACTIVE_STATES, JobStatus
-    from core.queue import enqueue_job
-
-    requeued: list[str] = []
-    with session_scope(settings.database_url) as session:
-        rows = session.execute(
-            select(Job.id, Job.status, Job.attempts, Job.max_attempts, Job.worker_id)
-            .where(Job.worker_id.startswith(f"{node}:", autoescape=True), Job.status.in_(ACTIVE_STATES))
-            .order_by(Job.id)  # rows locked in the reaper's order
-        ).all()
-        for job_id, status, attempts, max_attempts, worker_id in rows:
-            owned = [Job.worker_id == worker_id]
-            gone = f"worker {worker_id} {how}"
-            if status is JobStatus.CANCELLING:
-                transition(
-                    session,
-                    job_id=job_id,
-                    target=JobStatus.CANCELLED,
-                    expected=[JobStatus.CANCELLING],
-                    where=owned,
-                    message=f"{gone} while cancelling; job cancelled",
-                    finished_at=utcnow(),
-                )
-            elif attempts < max_attempts:
-                if transition(
-                    session,
-                    job_id=job_id,
-                    target=JobStatus.QUEUED,
-                    expected=[JobStatus.RUNNING],
-                    where=owned,
-                    message=f"{gone}; re-queued (attempt {attempts + 1} of {max_attempts})",
-                    worker_id=None,
-                    heartbeat_at=None,
-                    enqueued_at=utcnow(),  # its message is sent right after the commit
-                ):
-                    requeued.append(job_id)
-            else:
-                message = (
-                    f"the job's worker was lost on each of its {attempts} attempts (max_attempts "
-                    f"{max_attempts}); its last checkpoint, if any, can still be downloaded"
-                )
-                transition(
-                    session,
-                    job_id=job_id,
-                    target=JobStatus.FAILED,
-                    expected=[JobStatus.RUNNING],
-                    where=owned,
-                    message=f"{gone}; job failed: {message}",
-                    error_code="max_attempts_exceeded",
-                    error_message=message,
-                    finished_at=utcnow(),
-                )
-    for job_id in requeued:
-        try:
-            enqueue_job(settings, job_id)
-        except Exception:  # the job stays queued, as after the reaper's own re-queue
-            log.exception("could not enqueue re-queued job %s", job_id)
-    if rows:
-        log.info("released %d job(s) of worker %s, which %s", len(rows), node, how)
-    return requeued
-
-
 class _ServeWorker:
     """`distill serve`'s worker: a new Celery node name at each start, so that the jobs of one that died
     can be told apart and released at once."""
@@ -296,7 +222,9 @@ class _ServeWorker:
         )
 
     def exited(self, process: ServiceProcess, how: str) -> None:
-        release_worker_jobs(self.settings, self.node, how)
+        from worker.reaper import reap_worker
+
+        reap_worker(self.settings, self.node, how)  # its jobs re-queued (or failed) at once
 
 
 def run_serve(args: argparse.Namespace) -> int:

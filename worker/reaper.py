@@ -1,9 +1,11 @@
 """The reaper: recovers jobs that nobody is working on.
 
 - Stale jobs: a running job whose worker stopped sending heartbeats (kill -9, a lost machine) is
-  re-queued (its next attempt resumes from the last checkpoint) or, after `max_attempts`, failed.
-  Every change is a conditional UPDATE that re-checks the heartbeat is still stale, so a worker that comes
-  back in the meantime keeps its job, and two reapers never act twice on one job.
+  re-queued (its next attempt resumes from the last checkpoint) or, after `max_attempts`, failed; a
+  cancelling one is cancelled. Every change is a conditional UPDATE that re-checks the heartbeat is still
+  stale, so a worker that comes back in the meantime keeps its job, and two reapers never act twice on
+  one job. `reap_worker` applies the same rules at once to the jobs of a worker known to be gone
+  (`distill serve` saw it die).
 - Lost messages: a job `queued` for longer than `requeue_after_s` whose message the broker no longer holds
   (Redis restarted without persistence, a delivery acked by a worker that could not reach the database)
   is sent again. Which messages are gone cannot be told, only how many wait: when the queue holds fewer
@@ -11,6 +13,8 @@
   harmless, since a worker's claim is atomic and a second delivery of a claimed job is a no-op; a long
   queue that lost nothing is never flooded with duplicates. `enqueued_at` is moved forward by a
   conditional UPDATE first, so of two reapers only one sends.
+- Sweeps: a sweep's children beyond its `max_parallel` wait queued but unsent (`enqueued_at` NULL); each
+  pass sends the next ones of every sweep with a free slot (core.sweeps.service.release_held_children).
 - Webhook deliveries: a thread sends the due ones to the webhook queue every `webhook_dispatch_interval_s`
   (core.webhooks.delivery.dispatch_due).
 
@@ -24,15 +28,19 @@ import logging
 import threading
 from dataclasses import dataclass
 from datetime import datetime, timedelta
+from typing import Any, Literal
 
-from sqlalchemy import func, or_, select, update
+from sqlalchemy import ColumnElement, Row, func, or_, select, update
+from sqlalchemy.orm import Session
 
 from core.config import Settings
 from core.db import session_scope, utcnow
 from core.jobs.lifecycle import add_event, transition
 from core.jobs.models import Job
+from core.jobs.service import sent_to_queue
 from core.jobs.states import ACTIVE_STATES, JobStatus
 from core.queue import enqueue_job, queue_depth
+from core.sweeps.service import release_held_children
 from core.webhooks.delivery import dispatch_due
 
 log = logging.getLogger(__name__)
@@ -44,21 +52,27 @@ class ReapCounts:
     failed: int = 0
     cancelled: int = 0
     resent: int = 0
+    released: int = 0
 
     @property
     def total(self) -> int:
-        return self.requeued + self.failed + self.cancelled + self.resent
+        return self.requeued + self.failed + self.cancelled + self.resent + self.released
 
 
 def reap_once(settings: Settings, *, now: datetime | None = None) -> ReapCounts:
-    """Handle every running or cancelling job whose heartbeat is older than `stale_after_s`, then send
-    again the messages of queued jobs the broker lost."""
+    """Handle every running or cancelling job whose heartbeat is older than `stale_after_s`, send again
+    the messages of queued jobs the broker lost, then send the sweeps' held jobs that now have a slot."""
     now = now or utcnow()
     counts = _reap_stale(settings, now)
     counts.resent = len(resend_lost(settings, now=now))
+    counts.released = len(release_held_children(settings, now=now))
     if counts.total:
         log.info("reaper: %s", counts)
     return counts
+
+
+# What `_release` reads of a job to decide.
+_RELEASE_COLUMNS = (Job.id, Job.status, Job.attempts, Job.max_attempts, Job.worker_id)
 
 
 def _reap_stale(settings: Settings, now: datetime) -> ReapCounts:
@@ -68,65 +82,108 @@ def _reap_stale(settings: Settings, now: datetime) -> ReapCounts:
     requeued: list[str] = []
     with session_scope(settings.database_url) as session:
         rows = session.execute(
-            select(Job.id, Job.status, Job.attempts, Job.max_attempts, Job.worker_id)
+            select(*_RELEASE_COLUMNS)
             .where(Job.status.in_(ACTIVE_STATES), stale)
             .order_by(Job.id)  # two reapers lock the rows they change in the same order
         ).all()
-        for job_id, status, attempts, max_attempts, worker_id in rows:
-            still_stale = [
-                stale,
-                Job.worker_id.is_(None) if worker_id is None else Job.worker_id == worker_id,
-            ]
-            lost = f"worker {worker_id} lost (no heartbeat for {settings.stale_after_s:g} s)"
-            if status is JobStatus.CANCELLING:
-                if transition(
-                    session,
-                    job_id=job_id,
-                    target=JobStatus.CANCELLED,
-                    expected=[JobStatus.CANCELLING],
-                    where=still_stale,
-                    message=f"{lost} while cancelling; job cancelled",
-                    finished_at=now,
-                ):
-                    counts.cancelled += 1
-            elif attempts < max_attempts:
-                if transition(
-                    session,
-                    job_id=job_id,
-                    target=JobStatus.QUEUED,
-                    expected=[JobStatus.RUNNING],
-                    where=still_stale,
-                    message=f"{lost}, re-queued (attempt {attempts + 1} of {max_attempts})",
-                    worker_id=None,
-                    heartbeat_at=None,
-                    enqueued_at=now,
-                ):
-                    counts.requeued += 1
-                    requeued.append(job_id)
-            else:
-                message = (
-                    f"the job's worker was lost on each of its {attempts} attempts (max_attempts "
-                    f"{max_attempts}); its last checkpoint, if any, can still be downloaded"
-                )
-                if transition(
-                    session,
-                    job_id=job_id,
-                    target=JobStatus.FAILED,
-                    expected=[JobStatus.RUNNING],
-                    where=still_stale,
-                    message=f"{lost}; job failed: {message}",
-                    error_code="max_attempts_exceeded",
-                    error_message=message,
-                    finished_at=now,
-                ):
-                    counts.failed += 1
-    for job_id in requeued:
+        for row in rows:
+            worker = Job.worker_id.is_(None) if row.worker_id is None else Job.worker_id == row.worker_id
+            lost = f"worker {row.worker_id} lost (no heartbeat for {settings.stale_after_s:g} s)"
+            done = _release(session, row, gone=lost, still=[stale, worker], now=now)
+            if done is not None:
+                setattr(counts, done, getattr(counts, done) + 1)
+            if done == "requeued":
+                requeued.append(row.id)
+    _send_requeued(settings, requeued)
+    return counts
+
+
+def reap_worker(settings: Settings, node: str, how: str) -> list[str]:
+    """Release the active jobs of the Celery worker `node`, which is gone (`how`: "was killed by SIGKILL"),
+    by the reaper's rules but at once, without waiting for their heartbeats to go stale; returns the ids
+    re-queued. Used by `distill serve` when its worker dies.
+
+    Only jobs whose `worker_id` ("<node>:<pid>") names this node are touched, and each change re-checks
+    it, so a job another worker has claimed since is left alone. Node names are unique per start.
+    """
+    now = utcnow()
+    requeued: list[str] = []
+    with session_scope(settings.database_url) as session:
+        rows = session.execute(
+            select(*_RELEASE_COLUMNS)
+            .where(Job.worker_id.startswith(f"{node}:", autoescape=True), Job.status.in_(ACTIVE_STATES))
+            .order_by(Job.id)  # rows locked in the stale jobs' order
+        ).all()
+        for row in rows:
+            owned = [Job.worker_id == row.worker_id]
+            done = _release(session, row, gone=f"worker {row.worker_id} {how}", still=owned, now=now)
+            if done == "requeued":
+                requeued.append(row.id)
+    _send_requeued(settings, requeued)
+    if rows:
+        log.info("released %d job(s) of worker %s, which %s", len(rows), node, how)
+    return requeued
+
+
+def _release(
+    session: Session, row: Row[Any], *, gone: str, still: list[ColumnElement[bool]], now: datetime
+) -> Literal["requeued", "failed", "cancelled"] | None:
+    """Decide and apply what becomes of one active job (`row`: `_RELEASE_COLUMNS`) whose worker is gone
+    (`gone` says which and how): a cancelling job is cancelled; a running one is re-queued while it has
+    attempts left (its next attempt resumes from the last checkpoint), failed after `max_attempts`.
+
+    The UPDATE re-checks `still` (the worker, the stale heartbeat), so a job that changed hands since it was
+    read is left alone: returns what was done, or None.
+    """
+    if row.status is JobStatus.CANCELLING:
+        cancelled = transition(
+            session,
+            job_id=row.id,
+            target=JobStatus.CANCELLED,
+            expected=[JobStatus.CANCELLING],
+            where=still,
+            message=f"{gone} while cancelling; job cancelled",
+            finished_at=now,
+        )
+        return "cancelled" if cancelled else None
+    if row.attempts < row.max_attempts:
+        requeued = transition(
+            session,
+            job_id=row.id,
+            target=JobStatus.QUEUED,
+            expected=[JobStatus.RUNNING],
+            where=still,
+            message=f"{gone}; re-queued (attempt {row.attempts + 1} of {row.max_attempts})",
+            worker_id=None,
+            heartbeat_at=None,
+            enqueued_at=now,  # its message is sent right after the commit
+        )
+        return "requeued" if requeued else None
+    message = (
+        f"the job's worker was lost on each of its {row.attempts} attempts (max_attempts "
+        f"{row.max_attempts}); its last checkpoint, if any, can still be downloaded"
+    )
+    failed = transition(
+        session,
+        job_id=row.id,
+        target=JobStatus.FAILED,
+        expected=[JobStatus.RUNNING],
+        where=still,
+        message=f"{gone}; job failed: {message}",
+        error_code="max_attempts_exceeded",
+        error_message=message,
+        finished_at=now,
+    )
+    return "failed" if failed else None
+
+
+def _send_requeued(settings: Settings, job_ids: list[str]) -> None:
+    for job_id in job_ids:
         try:
             enqueue_job(settings, job_id)
         except Exception:
             # The job stays queued; its message is sent again later (see the module note).
             log.exception("could not enqueue re-queued job %s", job_id)
-    return counts
 
 
 def resend_lost(settings: Settings, *, now: datetime | None = None) -> list[str]:
@@ -134,13 +191,17 @@ def resend_lost(settings: Settings, *, now: datetime | None = None) -> list[str]
     messages than there are queued jobs; returns the ids sent."""
     now = now or utcnow()
     cutoff = now - timedelta(seconds=settings.requeue_after_s)
-    # Jobs queued before `enqueued_at` existed count from their creation.
-    waiting = (Job.status == JobStatus.QUEUED, func.coalesce(Job.enqueued_at, Job.created_at) < cutoff)
+    # Jobs queued before `enqueued_at` existed count from their creation; a sweep's held children were
+    # never sent (the sweep's release step sends them).
+    since = func.coalesce(Job.enqueued_at, Job.created_at)
+    waiting = (Job.status == JobStatus.QUEUED, since < cutoff, sent_to_queue())
     with session_scope(settings.database_url) as session:
         candidates = list(session.scalars(select(Job.id).where(*waiting).order_by(Job.created_at, Job.id)))
         if not candidates:
             return []
-        queued = session.scalar(select(func.count()).select_from(Job).where(Job.status == JobStatus.QUEUED))
+        queued = session.scalar(
+            select(func.count()).select_from(Job).where(Job.status == JobStatus.QUEUED, sent_to_queue())
+        )
     try:
         depth = queue_depth(settings)
     except Exception as exc:  # nothing could be sent either

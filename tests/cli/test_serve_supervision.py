@@ -1,6 +1,7 @@
 """`distill serve` supervised: the restart backoff on an injected clock, the ordered shutdown with real
-processes, the release of a dead worker's jobs, and a real `distill serve` on the embedded defaults whose
-killed worker and API come back, whose trainer runs niced, and which a Ctrl-C stops with nothing left."""
+processes, and a real `distill serve` on the embedded defaults whose killed worker (its job released at
+once, see worker.reaper.reap_worker) and API come back, whose trainer runs niced, and which a Ctrl-C stops
+with nothing left."""
 
 from __future__ import annotations
 
@@ -14,22 +15,13 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from sqlalchemy import select, update
 
 from cli.processes import Backoff, ServiceProcess, Supervisor
-from cli.service import release_worker_jobs
-from core.config import Settings
-from core.db import session_scope
-from core.jobs.models import Job, JobEvent
-from core.jobs.states import JobStatus
 from tests.support.services import (
     TERMINAL,
     ApiClient,
     distill_command,
     free_port,
-    make_settings,
-    seed_job,
-    sqlite_database,
     start_service,
     tiny_spec,
     wait_for,
@@ -184,57 +176,6 @@ def test_a_forced_shutdown_does_not_wait_for_the_grace_period() -> None:
     force.set()
     supervisor.shutdown(force)
     assert stubborn.returncode == -signal.SIGKILL and exits == ["was killed at shutdown (forced)"]
-
-
-# ------------------------------------------------------------------------------- a dead worker's jobs
-@pytest.fixture
-def settings(tmp_path: Path, tiny_teacher_dir: Path) -> Settings:
-    return make_settings(tmp_path, database_url=sqlite_database(tmp_path / "db"))
-
-
-def claim(settings: Settings, job_id: str, status: JobStatus, worker_id: str, attempts: int = 1) -> None:
-    with session_scope(settings.database_url) as session:
-        session.execute(
-            update(Job)
-            .where(Job.id == job_id)
-            .values(status=status, worker_id=worker_id, attempts=attempts)
-            .execution_options(synchronize_session=False)
-        )
-
-
-def job_row(settings: Settings, job_id: str) -> tuple[JobStatus, str | None, list[str]]:
-    with session_scope(settings.database_url) as session:
-        job = session.get(Job, job_id)
-        assert job is not None
-        events = session.scalars(
-            select(JobEvent.message).where(JobEvent.job_id == job_id).order_by(JobEvent.id)
-        )
-        return job.status, job.worker_id, list(events)
-
-
-def test_a_dead_workers_jobs_are_released_at_once_and_no_other_workers(
-    settings: Settings, tiny_teacher_dir: Path
-) -> None:
-    spec = tiny_spec(tiny_teacher_dir, "placeholder")
-    running, cancelling, last_try, other, look_alike = (seed_job(settings, spec) for _ in range(5))
-    node = "distill-a_b%c@host"  # LIKE's wildcards in the name must match only themselves
-    claim(settings, running, JobStatus.RUNNING, f"{node}:41")
-    claim(settings, cancelling, JobStatus.CANCELLING, f"{node}:41")
-    claim(settings, last_try, JobStatus.RUNNING, f"{node}:41", attempts=3)
-    claim(settings, other, JobStatus.RUNNING, "distill-a_b%c@host2:41")
-    claim(settings, look_alike, JobStatus.RUNNING, "distill-aXbYc@host:41")
-
-    assert release_worker_jobs(settings, node, "was killed by SIGKILL") == [running]
-
-    status, worker_id, events = job_row(settings, running)
-    assert (status, worker_id) == (JobStatus.QUEUED, None)
-    assert events[-1] == f"worker {node}:41 was killed by SIGKILL; re-queued (attempt 2 of 3)"
-    assert job_row(settings, cancelling)[0] is JobStatus.CANCELLED
-    status, _, events = job_row(settings, last_try)
-    assert status is JobStatus.FAILED and "lost on each of its 3 attempts" in events[-1]
-    for untouched in (other, look_alike):
-        assert job_row(settings, untouched)[0] is JobStatus.RUNNING
-    assert release_worker_jobs(settings, node, "was killed by SIGKILL") == []  # nothing twice
 
 
 # ----------------------------------------------------------------------------- a real `distill serve`

@@ -122,6 +122,48 @@ def test_a_heartbeat_arriving_late_keeps_the_job(
     assert sent == []
 
 
+# ------------------------------------------------------------------------------ a worker known gone
+def test_a_dead_workers_jobs_are_released_at_once_and_no_other_workers(
+    settings: Settings, sent: list[str]
+) -> None:
+    """`distill serve` saw its worker die: its jobs get the reaper's rules without waiting for their
+    heartbeats to go stale; jobs of other workers, even with a look-alike name, are left alone."""
+    node = "distill-a_b%c@host"  # LIKE's wildcards in the name must match only themselves
+    running, cancelling, last_try, other, look_alike = (
+        running_job(settings, heartbeat_age_s=1, attempts=attempts, status=status)
+        for attempts, status in [
+            (1, JobStatus.RUNNING),
+            (1, JobStatus.CANCELLING),
+            (3, JobStatus.RUNNING),
+            (1, JobStatus.RUNNING),
+            (1, JobStatus.RUNNING),
+        ]
+    )
+    for job_id, worker_id in [
+        *((job, f"{node}:41") for job in (running, cancelling, last_try)),
+        (other, "distill-a_b%c@host2:41"),
+        (look_alike, "distill-aXbYc@host:41"),
+    ]:
+        with session_scope(settings.database_url) as session:
+            session.execute(update(Job).where(Job.id == job_id).values(worker_id=worker_id))
+
+    assert reaper.reap_worker(settings, node, "was killed by SIGKILL") == [running]
+
+    job, events = load(settings, running)
+    assert (job.status, job.worker_id, job.heartbeat_at) == (JobStatus.QUEUED, None, None)
+    assert events[-1] == f"worker {node}:41 was killed by SIGKILL; re-queued (attempt 2 of 3)"
+    assert sent == [running]
+    job, events = load(settings, cancelling)
+    assert job.status is JobStatus.CANCELLED and events[-1].endswith("while cancelling; job cancelled")
+    job, events = load(settings, last_try)
+    assert (job.status, job.error_code) == (JobStatus.FAILED, "max_attempts_exceeded")
+    assert "lost on each of its 3 attempts" in events[-1]
+    for untouched in (other, look_alike):
+        assert load(settings, untouched)[0].status is JobStatus.RUNNING
+    assert reaper.reap_worker(settings, node, "was killed by SIGKILL") == []  # nothing twice
+    assert reaper.reap_once(settings).total == 0  # the others' heartbeats are fresh
+
+
 # ------------------------------------------------------------------------------ lost queue messages
 def queued_job(settings: Settings, *, waited_s: float) -> str:
     job_id = seed_job(settings, tiny_spec(Path("/models/teacher"), "placeholder"))
