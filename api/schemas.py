@@ -1,4 +1,4 @@
-"""Response models (pydantic v2); request bodies are `JobSpec` itself and multipart uploads."""
+"""Response models (pydantic v2), and the request models beyond `JobSpec` itself and multipart uploads."""
 
 from __future__ import annotations
 
@@ -8,9 +8,11 @@ from typing import Annotated, Any, Generic, TypeVar
 from fastapi import Path, Query
 from pydantic import BaseModel, Field
 
+from core.distill.spec import JobSpec
 from core.errors import without_server_paths
 from core.files.models import File
 from core.jobs.models import Checkpoint, Job, JobEvent
+from core.jobs.service import MAX_METADATA_KEYS, MAX_METADATA_VALUE_CHARS, METADATA_KEY_PATTERN
 from core.jobs.states import JobStatus
 from core.jobs.views import job_view, json_safe
 
@@ -84,6 +86,32 @@ class JobError(BaseModel):
     message: str
 
 
+# The rules are core.jobs.service.check_metadata's (which also refuses control characters); declared here
+# for the OpenAPI schema.
+JobMetadata = Annotated[
+    dict[str, Annotated[str, Field(max_length=MAX_METADATA_VALUE_CHARS)]],
+    Field(
+        max_length=MAX_METADATA_KEYS, json_schema_extra={"propertyNames": {"pattern": METADATA_KEY_PATTERN}}
+    ),
+]
+
+
+class JobCreate(JobSpec):
+    """The body of `POST /v1/jobs`: a `JobSpec`, and the job's `metadata`."""
+
+    metadata: JobMetadata | None = Field(
+        default=None,
+        description=(
+            "Your labels, string to string: at most 16 keys of 1 to 64 letters, digits or `_ . - : / @ +`, "
+            "values of at most 512 characters. Shown with the job; `GET /v1/jobs?metadata[KEY]=VALUE` filters."
+        ),
+    )
+
+    def job_spec(self) -> JobSpec:
+        """The spec alone (what the job stores as its `spec`)."""
+        return JobSpec.model_validate(self.model_dump(exclude={"metadata"}))
+
+
 class JobOut(BaseModel):
     id: str
     status: JobStatus
@@ -92,6 +120,7 @@ class JobOut(BaseModel):
     progress: Progress
     latest_metrics: dict[str, Any]
     error: JobError | None
+    metadata: dict[str, str] = Field(description="The labels given at creation.")
     attempts: int
     max_attempts: int
     worker_id: str | None

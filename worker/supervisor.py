@@ -1,5 +1,5 @@
 """The supervisor of one job, run inside the Celery task: claim it, train it in a trainer process, send
-heartbeats, turn a cancellation into a stop request (then a kill), and record how it ended.
+heartbeats, turn a cancellation or a pause into a stop request (then a kill), and record how it ended.
 
 The trainer runs in its own process (`python -m worker.trainer_process`), so that a crash, a leak or GPU
 memory never outlives the job, and a stuck trainer can be killed. They talk through the job directory
@@ -7,7 +7,11 @@ memory never outlives the job, and a stuck trainer can be killed. They talk thro
 would resume from).
 
 How an attempt ends:
-- the trainer exits 0 after training to the end → `succeeded`; after a stop request → `cancelled`;
+- the trainer exits 0 after training to the end → `succeeded` (also when a cancel or pause came too late);
+- after a cancel's stop request (stopped at a step, terminated after ignoring it, or crashed) → `cancelled`;
+- after a pause's stop request, likewise → `paused`: no worker holds the job, the attempt is not counted (a
+  pause is no failure), and the user's resume queues it to continue from its last checkpoint (the trainer
+  checkpoints the step it stopped at). A cancel that came while pausing wins;
 - the trainer writes `error.json` (bad data, non-finite loss, a model that does not load) → `failed` with
   that code and message. Such errors would recur, so they are never retried;
 - the trainer dies without a word (killed by a signal, e.g. the kernel's OOM killer, or a segfault) → with
@@ -46,7 +50,7 @@ from core.errors import NotFound
 from core.files import service as files_service
 from core.jobs.lifecycle import add_event, transition
 from core.jobs.models import Job
-from core.jobs.states import ACTIVE_STATES, JobStatus, sources_of
+from core.jobs.states import ACTIVE_STATES, STOPPING_STATES, JobStatus, sources_of
 from core.queue import enqueue_job
 from core.storage import Storage
 from worker import process as process_control
@@ -55,7 +59,7 @@ from worker.metrics import observe_job_end
 
 log = logging.getLogger(__name__)
 
-Outcome = Literal["not_claimed", "succeeded", "failed", "cancelled", "requeued", "lost"]
+Outcome = Literal["not_claimed", "succeeded", "failed", "cancelled", "paused", "requeued", "lost"]
 
 
 class JobSetupError(Exception):
@@ -175,6 +179,7 @@ def _supervise(attempt: _Attempt, settings: Settings, command: list[str]) -> Out
         "DISTILL_DATABASE_URL": settings.database_url,
         "DISTILL_STORAGE_DIR": str(settings.artifacts),
         "DISTILL_TRAINER_THREADS": str(settings.trainer_threads),
+        "DISTILL_MLFLOW_TRACKING_URI": settings.mlflow_tracking_uri,
         "PYTHONUNBUFFERED": "1",
     }
     with open(log_path, "ab") as log_file:
@@ -192,6 +197,7 @@ def _supervise(attempt: _Attempt, settings: Settings, command: list[str]) -> Out
     next_heartbeat = 0.0
     next_check = 0.0
     stop_requested_at: float | None = None
+    stop_kind = "cancel"
     killed_for_cancel = False
     lost = False
     try:
@@ -208,17 +214,18 @@ def _supervise(attempt: _Attempt, settings: Settings, command: list[str]) -> Out
                     lost = True
                     process_control.kill_group(process)
                     break
-                if status is JobStatus.CANCELLING and stop_requested_at is None:
-                    attempt.files.request_stop()
+                if status in STOPPING_STATES and stop_requested_at is None:
+                    attempt.files.request_stop()  # cancelling or pausing: the trainer checkpoints and exits
                     stop_requested_at = now
-                    log.info("job %s: stop requested", attempt.job_id)
+                    stop_kind = "cancel" if status is JobStatus.CANCELLING else "pause"
+                    log.info("job %s: stop requested (%s)", attempt.job_id, status.value)
             if (
                 stop_requested_at is not None
                 and not killed_for_cancel
                 and time.monotonic() - stop_requested_at > settings.cancel_grace_s
             ):
                 log.warning("job %s ignored its stop request: terminating it", attempt.job_id)
-                _add_event(attempt, settings, "cancel", "the trainer ignored the stop request: terminated")
+                _add_event(attempt, settings, stop_kind, "the trainer ignored the stop request: terminated")
                 process_control.kill_group(process)
                 killed_for_cancel = True
             time.sleep(0.1)
@@ -267,12 +274,10 @@ def _record_end(attempt: _Attempt, settings: Settings, returncode: int, log_path
                 attempt, settings, "training_error", "the trainer finished without saving the student"
             )
         return _finish(attempt, settings, JobStatus.SUCCEEDED, "job succeeded", current_step=result["step"])
-    if status is JobStatus.CANCELLING:
-        # Whatever way the trainer ended after a stop request (stopped, terminated, failed), the user asked
-        # for the job to stop.
-        step = result.get("step") if result else None
-        message = f"job cancelled at step {step}" if step is not None else "job cancelled"
-        return _finish(attempt, settings, JobStatus.CANCELLED, message)
+    if status is JobStatus.CANCELLING or (status is JobStatus.PAUSING and error is None):
+        # Whatever way the trainer ended after a stop request (stopped, terminated, crashed), the user asked
+        # for the job to stop; a cancelled trainer's error is moot too, a paused one's would recur: `failed`.
+        return _record_stop(attempt, settings, result.get("step") if result else None)
     if error is not None:
         code = str(error.get("code") or "training_error")
         message = str(error.get("message") or "the trainer failed")
@@ -282,6 +287,34 @@ def _record_end(attempt: _Attempt, settings: Settings, returncode: int, log_path
             attempt, settings, "training_error", "the trainer stopped early without a stop request"
         )
     return _crashed(attempt, settings, returncode, log_path)
+
+
+def _record_stop(attempt: _Attempt, settings: Settings, step: int | None) -> Outcome:
+    """End an attempt stopped at the user's request: `cancelled`, or `paused` (see the module note)."""
+    at = f" at step {step}" if step is not None else ""
+    for _ in range(2):  # a cancel may turn `pausing` into `cancelling` between the read and the change
+        status = _current_status(attempt, settings)
+        if status is JobStatus.CANCELLING:
+            return _finish(attempt, settings, JobStatus.CANCELLED, f"job cancelled{at}")
+        if status is not JobStatus.PAUSING:
+            return "lost"
+        with session_scope(settings.database_url) as session:
+            paused = transition(
+                session,
+                job_id=attempt.job_id,
+                target=JobStatus.PAUSED,
+                expected=[JobStatus.PAUSING],
+                where=[Job.worker_id == attempt.worker_id],
+                message=f"job paused{at}; a resume continues from its last checkpoint",
+                worker_id=None,
+                heartbeat_at=None,
+                attempts=Job.attempts - 1,  # claimed as an attempt, ended by no failure
+                **({"current_step": step} if step is not None else {}),
+            )
+        if paused:
+            log.info("job %s: paused%s", attempt.job_id, at)
+            return "paused"
+    return "lost"
 
 
 def _crashed(attempt: _Attempt, settings: Settings, returncode: int, log_path: Path) -> Outcome:

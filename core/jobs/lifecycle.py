@@ -87,7 +87,7 @@ def transition(
 def reopen(
     session: Session, *, job_id: str, expected: Iterable[JobStatus], message: str, **values: Any
 ) -> bool:
-    """The user's resume: move a failed or cancelled job back to `queued` (one conditional UPDATE)."""
+    """The user's resume: move a failed, cancelled or paused job back to `queued` (one conditional UPDATE)."""
     sources = tuple(expected)
     for source in sources:
         check_resume(source)

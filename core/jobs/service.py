@@ -1,12 +1,13 @@
-"""Jobs: create (validated in full, committed, then enqueued), read, list, cancel, resume, and what jobs
-produce (events, metric series, checkpoints). Keyword-only functions over a session; 4xx cases raise
+"""Jobs: create (validated in full, committed, then enqueued), read, list, cancel, pause, resume, and what
+jobs produce (events, metric series, checkpoints). Keyword-only functions over a session; 4xx cases raise
 ServiceError."""
 
 from __future__ import annotations
 
 import json
 import logging
-from collections.abc import Sequence
+import re
+from collections.abc import Mapping, Sequence
 from datetime import timedelta
 from pathlib import Path
 from typing import Any
@@ -33,6 +34,48 @@ logger = logging.getLogger(__name__)
 
 # A file detected as `instruction` also trains a `chat` job (each record becomes one user turn).
 _COMPATIBLE_FORMATS = {"instruction": {"instruction"}, "chat": {"chat", "instruction"}, "text": {"text"}}
+
+# A job's metadata: the user's labels, string to string. Keys are plain names (letters, digits and
+# `_ . - : / @ +`): the list filter reads a key with SQLite's JSON path and PostgreSQL's `->>`, and only such
+# keys are spelled alike in the stored JSON and in both (SQLite compares a path with the key as escaped).
+MAX_METADATA_KEYS = 16
+MAX_METADATA_VALUE_CHARS = 512
+METADATA_KEY_PATTERN = r"^[A-Za-z0-9_.:/@+-]{1,64}$"
+_METADATA_KEY = re.compile(METADATA_KEY_PATTERN)
+
+
+def check_metadata(metadata: Mapping[str, object], *, query: bool = False) -> dict[str, str]:
+    """`metadata` as stored, or 422 naming `metadata` (the whole, a bad key) or the value's own param:
+    `metadata.<key>` in a body, `metadata[<key>]` in a query (`query=True`, the list filter)."""
+    if len(metadata) > MAX_METADATA_KEYS:
+        raise InvalidRequest(
+            "invalid_metadata", f"metadata holds at most {MAX_METADATA_KEYS} keys", param="metadata"
+        )
+    checked: dict[str, str] = {}
+    for key, value in metadata.items():
+        param = f"metadata[{key}]" if query else f"metadata.{key}"
+        if not isinstance(key, str) or not _METADATA_KEY.fullmatch(key):
+            raise InvalidRequest(
+                "invalid_metadata",
+                f"metadata key {str(key)[:80]!r} must be 1 to 64 letters, digits or _ . - : / @ +",
+                param=param if query else "metadata",
+            )
+        if not isinstance(value, str):
+            raise InvalidRequest("invalid_metadata", "metadata values must be strings", param=param)
+        if len(value) > MAX_METADATA_VALUE_CHARS:
+            raise InvalidRequest(
+                "invalid_metadata",
+                f"a metadata value holds at most {MAX_METADATA_VALUE_CHARS} characters",
+                param=param,
+            )
+        if any(ord(char) < 32 or ord(char) == 127 or 0xD800 <= ord(char) <= 0xDFFF for char in value):
+            raise InvalidRequest(
+                "invalid_metadata",
+                "a metadata value must be text without control characters (NUL, newline, ...)",
+                param=param,
+            )
+        checked[key] = value
+    return checked
 
 
 def _under_roots(model: str, roots: Sequence[Path]) -> str:
@@ -115,11 +158,19 @@ def validate_spec(*, session: Session, settings: Settings, tenant_id: str, spec:
                 f"the teacher has {count} layers (0..{count - 1}); got {student.from_teacher_layers}",
                 param="student.from_teacher_layers",
             )
+    if spec.tracking is not None and spec.tracking.mlflow is not None and not settings.mlflow_tracking_uri:
+        raise InvalidRequest(
+            "tracking_unavailable",
+            "this service has no MLflow tracking server (DISTILL_MLFLOW_TRACKING_URI is not set)",
+            param="tracking.mlflow",
+        )
 
 
-def _existing_for_key(session: Session, tenant_id: str, key: str, spec: dict[str, Any]) -> Job | None:
+def _existing_for_key(
+    session: Session, tenant_id: str, key: str, spec: dict[str, Any], metadata: dict[str, str]
+) -> Job | None:
     job = session.scalar(select(Job).where(Job.tenant_id == tenant_id, Job.idempotency_key == key))
-    if job is not None and job.spec != spec:
+    if job is not None and (job.spec != spec or (job.user_metadata or {}) != metadata):
         raise Conflict(
             "idempotency_key_reused",
             "this Idempotency-Key was used for a job with a different body",
@@ -135,12 +186,14 @@ def create_job(
     tenant_id: str,
     spec: JobSpec,
     idempotency_key: str | None = None,
+    metadata: Mapping[str, str] | None = None,
 ) -> tuple[Job, bool]:
     """Check, store and enqueue a job; returns (job, created). A repeated Idempotency-Key returns the first."""
+    labels = check_metadata(metadata or {})
     parsed = resolve_model_names(spec, settings)
     requested = parsed.model_dump(mode="json")
     if idempotency_key is not None:
-        existing = _existing_for_key(session, tenant_id, idempotency_key, requested)
+        existing = _existing_for_key(session, tenant_id, idempotency_key, requested, labels)
         if existing is not None:
             return existing, False
     validate_spec(session=session, settings=settings, tenant_id=tenant_id, spec=parsed)
@@ -149,6 +202,7 @@ def create_job(
         status=JobStatus.QUEUED,
         spec=requested,
         idempotency_key=idempotency_key,
+        user_metadata=labels,
         total_steps=parsed.training.max_steps,
         max_attempts=settings.max_attempts,
         latest_metrics={},
@@ -164,7 +218,7 @@ def create_job(
         if idempotency_key is None:
             raise
         # Lost the race with a concurrent request carrying the same key.
-        existing = _existing_for_key(session, tenant_id, idempotency_key, requested)
+        existing = _existing_for_key(session, tenant_id, idempotency_key, requested, labels)
         if existing is None:
             raise
         return existing, False
@@ -234,17 +288,28 @@ def get_job(*, session: Session, tenant_id: str, job_id: str) -> Job:
 
 
 def list_jobs(
-    *, session: Session, tenant_id: str, limit: int, after: str | None = None, status: JobStatus | None = None
+    *,
+    session: Session,
+    tenant_id: str,
+    limit: int,
+    after: str | None = None,
+    status: JobStatus | None = None,
+    metadata: Mapping[str, str] | None = None,
 ) -> tuple[list[Job], bool]:
-    """A page of the tenant's jobs, newest first, optionally of one status, and whether more follow."""
+    """A page of the tenant's jobs, newest first, optionally of one status and holding every given metadata
+    pair, and whether more follow."""
     query = select(Job).where(Job.tenant_id == tenant_id)
     if status is not None:
         query = query.where(Job.status == status)
+    for key, value in check_metadata(metadata or {}, query=True).items():
+        # JSON_EXTRACT on SQLite, ->> on PostgreSQL: the value as text (NULL when the key is missing).
+        query = query.where(Job.user_metadata[key].as_string() == value)
     return newest_first_page(session, query, Job, tenant_id=tenant_id, after=after, limit=limit)
 
 
 def cancel_job(*, session: Session, tenant_id: str, job_id: str) -> Job:
-    """Cancel a queued job at once, ask a running one to stop (`cancelling`); 409 once it has ended."""
+    """Cancel a queued or paused job at once, ask a running (or pausing) one to stop (`cancelling`); 409
+    once it has ended."""
     for _ in range(3):  # the status may move under us (queued → running); retry against the new one
         job = get_job(session=session, tenant_id=tenant_id, job_id=job_id)
         if job.status == JobStatus.CANCELLING:
@@ -256,22 +321,28 @@ def cancel_job(*, session: Session, tenant_id: str, job_id: str) -> Job:
                 param="job_id",
             )
         now = utcnow()
-        if job.status == JobStatus.QUEUED:
+        if job.status in (JobStatus.QUEUED, JobStatus.PAUSED):
+            # No worker holds it: nothing to stop.
             changed = transition(
                 session,
                 job_id=job_id,
                 target=JobStatus.CANCELLED,
-                expected=[JobStatus.QUEUED],
-                message="job cancelled before it started",
+                expected=[job.status],
+                message=(
+                    "job cancelled before it started"
+                    if job.status == JobStatus.QUEUED
+                    else "job cancelled while paused"
+                ),
                 cancel_requested_at=now,
                 finished_at=now,
             )
         else:
+            # Running, or pausing: its worker already stops it, and then records `cancelled`.
             changed = transition(
                 session,
                 job_id=job_id,
                 target=JobStatus.CANCELLING,
-                expected=[JobStatus.RUNNING],
+                expected=[job.status],
                 message="cancellation requested",
                 cancel_requested_at=now,
             )
@@ -282,41 +353,81 @@ def cancel_job(*, session: Session, tenant_id: str, job_id: str) -> Job:
     raise ServiceError("cancel_conflict", "the job kept changing state; retry", param="job_id", status=409)
 
 
-def resume_job(*, session: Session, settings: Settings, tenant_id: str, job_id: str) -> Job:
-    """Queue a failed or cancelled job again, to resume from its last checkpoint with fresh attempts.
+def pause_job(*, session: Session, tenant_id: str, job_id: str) -> Job:
+    """Pause a queued job at once, ask a running one to checkpoint and stop (`pausing`, then `paused`);
+    409 `job_not_pausable` once it has ended or while it is being cancelled."""
+    for _ in range(3):  # the status may move under us (queued → running); retry against the new one
+        job = get_job(session=session, tenant_id=tenant_id, job_id=job_id)
+        if job.status in (JobStatus.PAUSING, JobStatus.PAUSED):
+            return job
+        if job.status not in (JobStatus.QUEUED, JobStatus.RUNNING):
+            state = "is being cancelled" if job.status == JobStatus.CANCELLING else "has already ended"
+            raise Conflict("job_not_pausable", f"job {job_id!r} {state} ({job.status.value})", param="job_id")
+        if job.status == JobStatus.QUEUED:
+            # Its message stays with the broker; a worker that gets it claims nothing (not `queued`).
+            changed = transition(
+                session,
+                job_id=job_id,
+                target=JobStatus.PAUSED,
+                expected=[JobStatus.QUEUED],
+                message="job paused before it started",
+            )
+        else:
+            changed = transition(
+                session,
+                job_id=job_id,
+                target=JobStatus.PAUSING,
+                expected=[JobStatus.RUNNING],
+                message="pause requested: the job checkpoints its current step and stops",
+            )
+        session.commit()
+        if changed:
+            session.expire(job)
+            return get_job(session=session, tenant_id=tenant_id, job_id=job_id)
+    raise ServiceError("pause_conflict", "the job kept changing state; retry", param="job_id", status=409)
 
-    A job already queued or running is returned unchanged (a retried request does no harm); any other
-    state, or a job without a checkpoint on disk, is refused with 409 `job_not_resumable`.
+
+def resume_job(*, session: Session, settings: Settings, tenant_id: str, job_id: str) -> Job:
+    """Queue a paused job again, to continue where it stopped, or a failed or cancelled one, to resume from
+    its last checkpoint with fresh attempts.
+
+    A paused job keeps its attempts (a pause costs none) and needs no checkpoint (one paused before it
+    started has none: it starts from the beginning). A job already queued or running is returned unchanged
+    (a retried request does no harm); any other state (a pausing job included: resume it once it is
+    paused), or an ended job without a checkpoint on disk, is refused with 409 `job_not_resumable`.
     """
     for _ in range(3):  # the status may move under us (another resume); retry against the new one
         job = get_job(session=session, tenant_id=tenant_id, job_id=job_id)
         if job.status in (JobStatus.QUEUED, JobStatus.RUNNING):
             return job
         if job.status not in RESUMABLE_STATES:
+            later = "; resume it once it is paused" if job.status == JobStatus.PAUSING else ""
             raise Conflict(
                 "job_not_resumable",
-                f"job {job_id!r} is {job.status.value}; only a failed or cancelled job can be resumed",
+                f"job {job_id!r} is {job.status.value}; only a paused, failed or cancelled job can be "
+                f"resumed{later}",
                 param="job_id",
             )
         step = _last_checkpoint_step(session=session, settings=settings, job_id=job_id)
-        if step is None:
+        if step is None and job.status != JobStatus.PAUSED:
             raise Conflict(
                 "job_not_resumable", f"job {job_id!r} has no checkpoint to resume from", param="job_id"
             )
         _check_files_remain(session=session, job=job)
+        where = "from the start" if step is None else f"from the checkpoint of step {step}"
+        fresh: dict[str, Any] = {}
+        if job.status != JobStatus.PAUSED:  # an ended job starts its attempts afresh
+            ended = ("error_code", "error_message", "finished_at", "cancel_requested_at")
+            fresh = {"attempts": 0, **dict.fromkeys(ended)}
         changed = reopen(
             session,
             job_id=job_id,
             expected=[job.status],
-            message=f"resumed by the user: queued to continue from the checkpoint of step {step}",
-            attempts=0,
+            message=f"resumed by the user: queued to continue {where}",
             worker_id=None,
             heartbeat_at=None,
-            error_code=None,
-            error_message=None,
-            finished_at=None,
-            cancel_requested_at=None,
             enqueued_at=utcnow(),
+            **fresh,
         )
         session.commit()
         if changed:
@@ -405,7 +516,8 @@ def get_checkpoint(*, session: Session, job_id: str, step: int) -> Checkpoint:
 
 
 def delete_unused_file(*, session: Session, settings: Settings, tenant_id: str, file_id: str) -> None:
-    """Delete one of the tenant's uploaded files; refused (409) while a job that has not ended reads it."""
+    """Delete one of the tenant's uploaded files; refused (409) while a job that has not ended (a paused
+    one included: it will resume) reads it."""
     get_file(session=session, tenant_id=tenant_id, file_id=file_id)
     active_specs = session.scalars(
         select(Job.spec).where(Job.tenant_id == tenant_id, Job.status.not_in(TERMINAL_STATES))

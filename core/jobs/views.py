@@ -47,6 +47,7 @@ def job_view(job: Job) -> dict[str, Any]:
         },
         "latest_metrics": json_safe(job.latest_metrics or {}),
         "error": error,
+        "metadata": dict(job.user_metadata or {}),
         "attempts": job.attempts,
         "max_attempts": job.max_attempts,
         "worker_id": job.worker_id,
