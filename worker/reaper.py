@@ -13,6 +13,8 @@
   harmless, since a worker's claim is atomic and a second delivery of a claimed job is a no-op; a long
   queue that lost nothing is never flooded with duplicates. `enqueued_at` is moved forward by a
   conditional UPDATE first, so of two reapers only one sends.
+- Sweeps: a sweep's children beyond its `max_parallel` wait queued but unsent (`enqueued_at` NULL); each
+  pass sends the next ones of every sweep with a free slot (core.sweeps.service.release_held_children).
 - Webhook deliveries: a thread sends the due ones to the webhook queue every `webhook_dispatch_interval_s`
   (core.webhooks.delivery.dispatch_due).
 
@@ -35,8 +37,10 @@ from core.config import Settings
 from core.db import session_scope, utcnow
 from core.jobs.lifecycle import add_event, transition
 from core.jobs.models import Job
+from core.jobs.service import sent_to_queue
 from core.jobs.states import ACTIVE_STATES, JobStatus
 from core.queue import enqueue_job, queue_depth
+from core.sweeps.service import release_held_children
 from core.webhooks.delivery import dispatch_due
 
 log = logging.getLogger(__name__)
@@ -48,18 +52,20 @@ class ReapCounts:
     failed: int = 0
     cancelled: int = 0
     resent: int = 0
+    released: int = 0
 
     @property
     def total(self) -> int:
-        return self.requeued + self.failed + self.cancelled + self.resent
+        return self.requeued + self.failed + self.cancelled + self.resent + self.released
 
 
 def reap_once(settings: Settings, *, now: datetime | None = None) -> ReapCounts:
-    """Handle every running or cancelling job whose heartbeat is older than `stale_after_s`, then send
-    again the messages of queued jobs the broker lost."""
+    """Handle every running or cancelling job whose heartbeat is older than `stale_after_s`, send again
+    the messages of queued jobs the broker lost, then send the sweeps' held jobs that now have a slot."""
     now = now or utcnow()
     counts = _reap_stale(settings, now)
     counts.resent = len(resend_lost(settings, now=now))
+    counts.released = len(release_held_children(settings, now=now))
     if counts.total:
         log.info("reaper: %s", counts)
     return counts
@@ -185,13 +191,17 @@ def resend_lost(settings: Settings, *, now: datetime | None = None) -> list[str]
     messages than there are queued jobs; returns the ids sent."""
     now = now or utcnow()
     cutoff = now - timedelta(seconds=settings.requeue_after_s)
-    # Jobs queued before `enqueued_at` existed count from their creation.
-    waiting = (Job.status == JobStatus.QUEUED, func.coalesce(Job.enqueued_at, Job.created_at) < cutoff)
+    # Jobs queued before `enqueued_at` existed count from their creation; a sweep's held children were
+    # never sent (the sweep's release step sends them).
+    since = func.coalesce(Job.enqueued_at, Job.created_at)
+    waiting = (Job.status == JobStatus.QUEUED, since < cutoff, sent_to_queue())
     with session_scope(settings.database_url) as session:
         candidates = list(session.scalars(select(Job.id).where(*waiting).order_by(Job.created_at, Job.id)))
         if not candidates:
             return []
-        queued = session.scalar(select(func.count()).select_from(Job).where(Job.status == JobStatus.QUEUED))
+        queued = session.scalar(
+            select(func.count()).select_from(Job).where(Job.status == JobStatus.QUEUED, sent_to_queue())
+        )
     try:
         depth = queue_depth(settings)
     except Exception as exc:  # nothing could be sent either
