@@ -19,6 +19,7 @@ from typing import Any
 from sqlalchemy import and_, delete, insert, or_, select, update
 
 from core.db import get_sessionmaker, utcnow
+from core.distill import layout
 from core.distill.callbacks import TrainerCallbacks
 from core.jobs.lifecycle import add_event
 from core.jobs.models import Checkpoint, Job, JobEvent, Metric
@@ -130,6 +131,10 @@ class DatabaseCallbacks(TrainerCallbacks):
 
     def on_checkpoint(self, step: int, path: Path, metrics: dict[str, float]) -> None:
         self.flush()
+        if self._owned:
+            # Object storage: the checkpoint goes to the bucket before its row exists, so that whatever the
+            # API lists it can serve, and another worker can resume from it.
+            self._storage.push(self._storage.relative(path))
         self._record_checkpoint(step, path, metrics, replace=True)
 
     def on_resume(self, step: int, path: Path) -> None:
@@ -161,6 +166,7 @@ class DatabaseCallbacks(TrainerCallbacks):
             for old in session.scalars(select(Checkpoint).where(Checkpoint.job_id == self._job_id)):
                 if old.step != step and not self._storage.resolve(old.storage_path).is_dir():
                     session.delete(old)
+                    self._storage.delete(old.storage_path)  # pruned here: from object storage too
             if replace:
                 add_event(
                     session,
@@ -170,6 +176,35 @@ class DatabaseCallbacks(TrainerCallbacks):
                     data={"step": step, "size_bytes": size},
                     step=step,
                 )
+
+    def on_checkpoint_set_aside(self, step: int, path: Path, problem: str) -> None:
+        """A checkpoint failed verification and was renamed: its row goes (GET .../checkpoints must not
+        list what cannot be downloaded), with a warning naming its step, in one transaction.
+
+        The warning belongs to no training step: a checkpoint is set aside once (it is renamed), so the
+        warning must outlive a later attempt's forgetting of the steps it runs again.
+        """
+        self.flush()
+        if not self._owned:
+            return
+        with self._sessions.begin() as session:
+            if not self._claim_write(session):
+                return
+            session.execute(
+                delete(Checkpoint).where(Checkpoint.job_id == self._job_id, Checkpoint.step == step)
+            )
+            # Object storage: its copy of the checkpoint goes too (the corrupt local one stays aside).
+            self._storage.delete(self._storage.relative(path.with_name(layout.checkpoint_name(step))))
+            add_event(
+                session,
+                job_id=self._job_id,
+                kind="warning",
+                message=(
+                    f"the checkpoint of step {step} is corrupt ({problem}); set aside as {path.name} "
+                    "and not used"
+                ),
+                data={"step": step, "problem": problem},
+            )
 
     def on_event(self, kind: str, message: str) -> None:
         # Paths inside the artifacts volume mean nothing to the API's users; keep them relative. Events

@@ -179,3 +179,38 @@ def test_a_dead_attempt_writes_nothing_over_the_next_one(settings: Settings, job
     dead.cb.flush()
     assert metric_steps(settings, job_id, "loss") == [1, 2, 3, 4]
     assert dead.cb.should_stop()
+
+
+def checkpoint_steps(settings: Settings, job_id: str) -> list[int]:
+    with session_scope(settings.database_url) as session:
+        query = select(Checkpoint.step).where(Checkpoint.job_id == job_id).order_by(Checkpoint.step)
+        return list(session.scalars(query))
+
+
+def test_a_checkpoint_set_aside_as_corrupt_is_no_longer_listed(settings: Settings, job_id: str) -> None:
+    first = Attempt(settings, job_id, "w1")
+    first.run()  # checkpoints of steps 3 and 6; died before the supervisor recorded the end
+    assert checkpoint_steps(settings, job_id) == [3, 6]
+    # The next attempt finds step 6's checkpoint corrupt: it resumes from 3 and, before training, sets 6
+    # aside (renamed); then it dies loading its models, before `on_start` could forget the later steps.
+    second = Attempt(settings, job_id, "w2")
+    second.cb.on_resume(3, second.checkpoint_dir(3))
+    corrupt = second.checkpoint_dir(6).rename(second.job_dir / "checkpoints" / "step-00000006.corrupt")
+    second.cb.on_checkpoint_set_aside(6, corrupt, "model.safetensors does not match its SHA-256")
+    assert checkpoint_steps(settings, job_id) == [3]  # nothing listed that cannot be downloaded
+
+    with session_scope(settings.database_url) as session:
+        warnings = session.execute(
+            select(JobEvent.message, JobEvent.data, JobEvent.step).where(
+                JobEvent.job_id == job_id, JobEvent.kind == "warning"
+            )
+        ).all()
+    assert [(data["step"], step) for _, data, step in warnings] == [(6, None)]
+    assert warnings[0].message.startswith("the checkpoint of step 6 is corrupt (model.safetensors")
+    assert "step-00000006.corrupt" in warnings[0].message
+
+    # A third attempt trains steps 4-6 again: everything once, and the warning is still there.
+    Attempt(settings, job_id, "w3").run(start=3)
+    assert_every_step_once(settings, job_id)
+    assert checkpoint_steps(settings, job_id) == [3, 6]
+    assert event_steps(settings, job_id)[("warning", None)] == 1
