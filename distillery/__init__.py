@@ -4,6 +4,8 @@
     client = Distillery()                      # DISTILL_API_URL, DISTILL_API_KEY
     job = client.jobs.create("job.yaml")       # local data files are uploaded first
     job = client.jobs.wait(job.id, on_event=print)
+    sweep = client.sweeps.create("job.yaml", {"loss.alpha": [-1, 0.5]}, max_parallel=2)
+    sweep = client.sweeps.wait(sweep.id)      # sweep.best: the child with the best eval_kd_loss
     client.jobs.download_student(job.id, "out/")
 
 Needs only httpx and pydantic (PyYAML to read YAML specs).
@@ -26,9 +28,21 @@ from distillery._errors import (
     PayloadTooLargeError,
     PermissionDeniedError,
     RateLimitError,
+    SweepWaitTimeout,
     UnprocessableEntityError,
 )
-from distillery._models import TERMINAL_STATUSES, Checkpoint, Event, File, FileDeleted, Job, Metrics
+from distillery._models import (
+    TERMINAL_STATUSES,
+    Checkpoint,
+    Event,
+    File,
+    FileDeleted,
+    Job,
+    Metrics,
+    Sweep,
+    SweepBest,
+    SweepJob,
+)
 
 __version__ = "0.1.0"
 
@@ -55,6 +69,10 @@ __all__ = [
     "PayloadTooLargeError",
     "PermissionDeniedError",
     "RateLimitError",
+    "Sweep",
+    "SweepBest",
+    "SweepJob",
+    "SweepWaitTimeout",
     "TERMINAL_STATUSES",
     "UnprocessableEntityError",
     "__version__",

@@ -13,8 +13,8 @@ from typing import Any
 import httpx
 
 from distillery import _base
-from distillery._errors import APIConnectionError, APITimeoutError, JobWaitTimeout
-from distillery._models import Checkpoint, Event, File, FileDeleted, Job, Metrics
+from distillery._errors import APIConnectionError, APITimeoutError, JobWaitTimeout, SweepWaitTimeout
+from distillery._models import Checkpoint, Event, File, FileDeleted, Job, Metrics, Sweep
 
 
 class AsyncDistillery:
@@ -35,6 +35,7 @@ class AsyncDistillery:
         )
         self.files = AsyncFiles(self)
         self.jobs = AsyncJobs(self)
+        self.sweeps = AsyncSweeps(self)
 
     async def close(self) -> None:
         await self._http.aclose()
@@ -260,3 +261,62 @@ class AsyncJobs:
             options.base_url, options.api_key, timeout=options.timeout, max_retries=options.max_retries
         )
         return client.jobs
+
+
+class AsyncSweeps:
+    """Like `Distillery.sweeps`, with `await` (and `async for` over `list`)."""
+
+    def __init__(self, client: AsyncDistillery) -> None:
+        self._client = client
+
+    async def create(
+        self,
+        spec: Any,
+        grid: Mapping[str, Sequence[Any]] | None = None,
+        *,
+        metric: str | None = None,
+        mode: str | None = None,
+        max_parallel: int | None = None,
+        idempotency_key: str | None = None,
+    ) -> Sweep:
+        body, base = _base.load_sweep(spec, grid, metric=metric, mode=mode, max_parallel=max_parallel)
+        uploads = {
+            field: (await self._client.files.upload(path, purpose=field)).id
+            for field, path in _base.local_data_files(body["spec"], base).items()
+        }
+        body["spec"] = _base.with_file_ids(body["spec"], uploads)
+        return Sweep.model_validate(
+            await self._client.request("POST", "/v1/sweeps", json_body=body, idempotency_key=idempotency_key)
+        )
+
+    async def list(self, *, limit: int = 100) -> AsyncIterator[Sweep]:
+        async for item in self._client._page_iter("/v1/sweeps", {"limit": limit}):
+            yield Sweep.model_validate(item)
+
+    async def get(self, sweep_id: str) -> Sweep:
+        return Sweep.model_validate(await self._client.request("GET", f"/v1/sweeps/{sweep_id}"))
+
+    async def cancel(self, sweep_id: str) -> Sweep:
+        return Sweep.model_validate(await self._client.request("POST", f"/v1/sweeps/{sweep_id}/cancel"))
+
+    async def wait(
+        self,
+        sweep_id: str,
+        *,
+        timeout: float | None = None,
+        poll_interval: float = 2.0,
+        on_update: Callable[[Sweep], Awaitable[None] | None] | None = None,
+    ) -> Sweep:
+        """Poll until no child is queued or running (see `Distillery.sweeps.wait`)."""
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while True:
+            sweep = await self.get(sweep_id)
+            if on_update is not None:
+                result = on_update(sweep)
+                if asyncio.iscoroutine(result):
+                    await result
+            if sweep.is_done:
+                return sweep
+            if deadline is not None and time.monotonic() > deadline:
+                raise SweepWaitTimeout(sweep, timeout or 0.0)
+            await asyncio.sleep(poll_interval)

@@ -160,6 +160,40 @@ def with_file_ids(spec: dict[str, Any], file_ids: Mapping[str, str]) -> dict[str
     return {**spec, "data": {**spec.get("data", {}), **file_ids}}
 
 
+def load_sweep(
+    spec: Any,
+    grid: Mapping[str, Any] | None,
+    *,
+    metric: str | None,
+    mode: str | None,
+    max_parallel: int | None,
+) -> tuple[dict[str, Any], Path | None]:
+    """A sweep's request body (its spec's local data not yet uploaded) and the folder its relative data
+    paths are resolved against. `spec` is a spec (see `load_spec`) or a sweep file: a YAML/JSON mapping
+    with `spec` and `grid` (and optionally `metric`, `mode`, `max_parallel`); the arguments given here
+    override the file's, and `grid` adds paths to its grid (replacing those it repeats)."""
+    raw, base = load_spec(spec)
+    from_file: dict[str, Any] = {}
+    if "spec" in raw and "grid" in raw:
+        from_file, raw = raw, raw["spec"]
+        if not isinstance(raw, dict) or not isinstance(from_file["grid"], dict):
+            raise DistilleryError("a sweep file's `spec` and `grid` must be mappings")
+    merged_grid = {
+        **from_file.get("grid", {}),
+        **{path: list(values) for path, values in (grid or {}).items()},
+    }
+    if not merged_grid:
+        raise DistilleryError("a sweep needs a grid: {'loss.alpha': [-1, 0.5], ...}")
+    body = {
+        "spec": raw,
+        "grid": merged_grid,
+        "metric": metric or from_file.get("metric") or "eval_kd_loss",
+        "mode": mode or from_file.get("mode") or "min",
+        "max_parallel": max_parallel if max_parallel is not None else from_file.get("max_parallel"),
+    }
+    return body, base
+
+
 # --------------------------------------------------------------------------------------------------- SSE
 class SSEDecoder:
     """Turns the lines of a text/event-stream into `Event`s (and remembers the last id for reconnects)."""

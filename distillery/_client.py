@@ -13,8 +13,14 @@ from typing import Any
 import httpx
 
 from distillery import _base
-from distillery._errors import APIConnectionError, APITimeoutError, DistilleryError, JobWaitTimeout
-from distillery._models import Checkpoint, Event, File, FileDeleted, Job, Metrics
+from distillery._errors import (
+    APIConnectionError,
+    APITimeoutError,
+    DistilleryError,
+    JobWaitTimeout,
+    SweepWaitTimeout,
+)
+from distillery._models import Checkpoint, Event, File, FileDeleted, Job, Metrics, Sweep
 
 
 class Distillery:
@@ -44,6 +50,7 @@ class Distillery:
         )
         self.files = Files(self)
         self.jobs = Jobs(self)
+        self.sweeps = Sweeps(self)
 
     @property
     def base_url(self) -> str:
@@ -355,3 +362,69 @@ class Jobs:
             return _base.unpack(archive, dest)
         except Exception as exc:
             raise DistilleryError(f"could not unpack {archive}: {exc}") from exc
+
+
+class Sweeps:
+    """`client.sweeps`: a job per point of a grid over spec fields, ranked by a metric."""
+
+    def __init__(self, client: Distillery) -> None:
+        self._client = client
+
+    def create(
+        self,
+        spec: Any,
+        grid: Mapping[str, Sequence[Any]] | None = None,
+        *,
+        metric: str | None = None,
+        mode: str | None = None,
+        max_parallel: int | None = None,
+        idempotency_key: str | None = None,
+    ) -> Sweep:
+        """Create a sweep from a base spec (a dict, a JobSpec-shaped model or a YAML/JSON path; local data
+        files are uploaded first, as by `jobs.create`) and a grid of dotted spec paths to the values tried,
+        e.g. `{"loss.alpha": [-1, 0.5], "loss.lam": [0.1, 0.3]}`; or from a sweep file holding `spec`,
+        `grid` and optionally `metric` (default eval_kd_loss), `mode` (min) and `max_parallel` (all).
+        A path may name a whole section (`loss`): its values are objects merged into the base's section."""
+        body, base = _base.load_sweep(spec, grid, metric=metric, mode=mode, max_parallel=max_parallel)
+        uploads = {
+            field: self._client.files.upload(path, purpose=field).id
+            for field, path in _base.local_data_files(body["spec"], base).items()
+        }
+        body["spec"] = _base.with_file_ids(body["spec"], uploads)
+        created = self._client.request("POST", "/v1/sweeps", json_body=body, idempotency_key=idempotency_key)
+        return Sweep.model_validate(created)
+
+    def list(self, *, limit: int = 100) -> Iterator[Sweep]:
+        """The tenant's sweeps, newest first (pages are followed as you iterate)."""
+        for item in self._client._page_iter("/v1/sweeps", {"limit": limit}):
+            yield Sweep.model_validate(item)
+
+    def get(self, sweep_id: str) -> Sweep:
+        return Sweep.model_validate(self._client.request("GET", f"/v1/sweeps/{sweep_id}"))
+
+    def cancel(self, sweep_id: str) -> Sweep:
+        """Cancel every child that has not ended."""
+        return Sweep.model_validate(self._client.request("POST", f"/v1/sweeps/{sweep_id}/cancel"))
+
+    def wait(
+        self,
+        sweep_id: str,
+        *,
+        timeout: float | None = None,
+        poll_interval: float = 2.0,
+        on_update: Callable[[Sweep], None] | None = None,
+    ) -> Sweep:
+        """Poll until no child is queued or running; returns the sweep (its `best` child, if any).
+
+        Raises `SweepWaitTimeout` (holding the last state) after `timeout` seconds.
+        """
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while True:
+            sweep = self.get(sweep_id)
+            if on_update is not None:
+                on_update(sweep)
+            if sweep.is_done:
+                return sweep
+            if deadline is not None and time.monotonic() > deadline:
+                raise SweepWaitTimeout(sweep, timeout or 0.0)
+            time.sleep(poll_interval)

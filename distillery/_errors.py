@@ -94,6 +94,14 @@ class JobWaitTimeout(DistilleryError):
         self.job = job
 
 
+class SweepWaitTimeout(DistilleryError):
+    """`sweeps.wait` gave up while children were still queued or running; `sweep` is its last state."""
+
+    def __init__(self, sweep: Any, timeout: float) -> None:
+        super().__init__(f"sweep {sweep.id} is still {sweep.status} after {timeout:g} s")
+        self.sweep = sweep
+
+
 class DownloadVerificationError(DistilleryError):
     """A downloaded archive's size or SHA-256 differs from what the server announced."""
 

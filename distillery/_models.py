@@ -94,3 +94,51 @@ class Metrics(_Model):
         """The last value of metric `name`, or None."""
         points = self.series.get(name) or []
         return points[-1].value if points else None
+
+
+class SweepJob(_Model):
+    """One child of a sweep: its grid values, status and each metric's last value."""
+
+    id: str
+    params: dict[str, Any] = Field(default_factory=dict)
+    status: str
+    metrics: dict[str, Any] = Field(default_factory=dict)
+
+
+class SweepBest(_Model):
+    job_id: str
+    params: dict[str, Any] = Field(default_factory=dict)
+    value: float
+
+
+class Sweep(_Model):
+    """A job per point of a grid over spec fields, ranked by `metric` (`mode` min or max)."""
+
+    id: str
+    status: str
+    metric: str
+    mode: str
+    max_parallel: int | None = None
+    grid: dict[str, list[Any]] = Field(default_factory=dict)
+    spec: dict[str, Any] = Field(default_factory=dict)
+    counts: dict[str, int] = Field(default_factory=dict)
+    jobs: list[SweepJob] = Field(default_factory=list)
+    best: SweepBest | None = None
+    created_at: datetime
+    cancelled_at: datetime | None = None
+
+    @property
+    def is_done(self) -> bool:
+        """Whether no child is queued or running any more (every one ended, or paused)."""
+        return self.status not in ("running", "cancelling")
+
+    def ranked(self) -> list[SweepJob]:
+        """The children best first by the sweep's metric (grid order among equals); those without it last."""
+
+        def key(job: SweepJob) -> tuple[int, float]:
+            value = job.metrics.get(self.metric)
+            if isinstance(value, bool) or not isinstance(value, (int, float)):
+                return (1, 0.0)
+            return (0, value if self.mode == "min" else -value)
+
+        return sorted(self.jobs, key=key)
