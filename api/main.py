@@ -20,6 +20,7 @@ from api.metrics import install_metrics
 from api.middleware import REQUEST_ID_HEADER, RequestContext
 from api.ratelimit import RATE_LIMIT_HEADERS, RateLimiter
 from api.routers import files, health, jobs, keys, outputs, sweeps, tenants, webhooks
+from api.ui import install_dashboard
 from core.config import Settings, get_settings
 from core.db import get_engine, get_sessionmaker
 from core.logs import configure_logging
@@ -128,6 +129,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         app.include_router(router)
     app.include_router(webhooks.router)
     app.include_router(sweeps.router)
+    install_dashboard(app)  # GET /ui: the static dashboard (api/ui)
     app.add_middleware(BodySizeLimit, max_bytes=settings.max_upload_bytes)
     install_metrics(app, settings)  # GET /metrics; counts every answer, a 413 included
     _add_request_context(app, settings)
