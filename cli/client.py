@@ -4,6 +4,7 @@
     distill jobs watch job_...                   # a live progress bar following the event stream
     distill jobs download job_... -o out/ [--checkpoint 50]
     distill files list --json
+    distill sweeps create job.yaml --grid loss.alpha=-1,0.5 --grid loss.lam=0.1,0.3 --max-parallel 2 --wait
 
 `--api-url` / `--api-key` default to DISTILL_API_URL / DISTILL_API_KEY. Exit codes, for pipelines:
 0 succeeded (or the command did what it was asked), 1 the job failed, 3 cancelled, 4 timed out,
@@ -71,6 +72,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     download.add_argument("--checkpoint", type=int, default=None, metavar="STEP")
     download.set_defaults(handler=run_download)
 
+    _register_sweeps(subparsers, common)
+
     files = subparsers.add_parser("files", help="Upload and manage data files.")
     file_commands = files.add_subparsers(dest="files_command", required=True, metavar="COMMAND")
     upload = file_commands.add_parser("upload", parents=[common], help="Upload a JSONL file.")
@@ -82,6 +85,50 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     delete = file_commands.add_parser("delete", parents=[common], help="Delete a file.")
     delete.add_argument("file_id")
     delete.set_defaults(handler=run_files, action="delete")
+
+
+def _register_sweeps(subparsers: argparse._SubParsersAction, common: argparse.ArgumentParser) -> None:
+    sweeps = subparsers.add_parser("sweeps", help="Run a job per point of a grid over spec fields.")
+    commands = sweeps.add_subparsers(dest="sweeps_command", required=True, metavar="COMMAND")
+    create = commands.add_parser(
+        "create", parents=[common], help="Create a sweep from a spec (or a sweep file) and --grid paths."
+    )
+    create.add_argument(
+        "spec", type=Path, help="Job spec, or a sweep file with spec and grid; local data is uploaded first."
+    )
+    create.add_argument(
+        "--grid",
+        action="append",
+        default=[],
+        metavar="PATH=V1,V2",
+        help="A dotted spec path and its values, e.g. loss.alpha=-1,0.5 (repeatable); a YAML list for "
+        "objects: 'loss=[{name: amid, alpha: -1}, {name: fkl}]'.",
+    )
+    create.add_argument("--metric", default=None, help="Ranks the children (default eval_kd_loss).")
+    create.add_argument("--mode", choices=["min", "max"], default=None, help="Lower or higher is better.")
+    create.add_argument("--max-parallel", type=int, default=None, metavar="N")
+    create.add_argument("--wait", action="store_true", help="Refresh the table until the sweep is done.")
+    create.add_argument("--timeout", type=float, default=None, help="With --wait: give up after N seconds.")
+    create.add_argument("--interval", type=float, default=5.0, help=argparse.SUPPRESS)
+    create.add_argument("--idempotency-key", default=None)
+    create.set_defaults(handler=run_sweep_create)
+
+    get = commands.add_parser("get", parents=[common], help="Show a sweep: its jobs ranked by the metric.")
+    get.add_argument("sweep_id")
+    get.set_defaults(handler=run_sweep_action, action="get")
+    cancel = commands.add_parser("cancel", parents=[common], help="Cancel every job of a sweep not ended.")
+    cancel.add_argument("sweep_id")
+    cancel.set_defaults(handler=run_sweep_action, action="cancel")
+    listing = commands.add_parser("list", parents=[common], help="List sweeps, newest first.")
+    listing.add_argument("--limit", type=int, default=20, help="At most this many sweeps (0: all).")
+    listing.set_defaults(handler=run_sweep_list)
+    watch = commands.add_parser(
+        "watch", parents=[common], help="Refresh the table until no job is queued or running."
+    )
+    watch.add_argument("sweep_id")
+    watch.add_argument("--timeout", type=float, default=None)
+    watch.add_argument("--interval", type=float, default=5.0, help="Seconds between refreshes.")
+    watch.set_defaults(handler=run_sweep_watch)
 
 
 # ------------------------------------------------------------------------------------------- helpers
@@ -294,3 +341,148 @@ class _ProgressView:
 
     def close(self) -> None:
         self.progress.stop()
+
+
+# -------------------------------------------------------------------------------------------- sweeps
+def _grid_value(text: str) -> Any:
+    """A command-line value as JSON when it parses (numbers like 1e-3 included), else as YAML."""
+    import yaml
+
+    try:
+        return json.loads(text)
+    except ValueError:
+        return yaml.safe_load(text)
+
+
+def _grid(pairs: list[str]) -> dict[str, list[Any]]:
+    grid: dict[str, list[Any]] = {}
+    for pair in pairs:
+        path, sep, values = pair.partition("=")
+        if not sep or not path or not values:
+            raise SystemExit(f"--grid expects PATH=V1,V2,..., got {pair!r}")
+        if values.lstrip().startswith("["):
+            parsed = _grid_value(values)
+            if not isinstance(parsed, list):
+                raise SystemExit(f"--grid {path}: {values!r} is not a list")
+            grid[path] = parsed
+        else:
+            grid[path] = [_grid_value(value.strip()) for value in values.split(",")]
+    return grid
+
+
+def _value_text(value: Any) -> str:
+    if isinstance(value, float):
+        return f"{value:.4g}"
+    if isinstance(value, dict):
+        return " ".join(f"{key}={_value_text(item)}" for key, item in value.items())
+    return json.dumps(value) if not isinstance(value, str) else value
+
+
+def _sweep_table(sweep: Any) -> str:
+    """The children best first by the sweep's metric (those without it last), the best one starred."""
+    paths = list(sweep.grid)
+    header = ["", "job", "status", *paths, sweep.metric]
+    rows = []
+    best = sweep.best.job_id if sweep.best is not None else None
+    for job in sweep.ranked():
+        value = job.metrics.get(sweep.metric)
+        rows.append(
+            [
+                "*" if job.id == best else "",
+                job.id,
+                job.status,
+                *(_value_text(job.params.get(path)) for path in paths),
+                "-" if value is None else _value_text(float(value)),
+            ]
+        )
+    widths = [max(len(str(row[i])) for row in [header, *rows]) for i in range(len(header))]
+    lines = [
+        "  ".join(str(cell).ljust(width) for cell, width in zip(row, widths, strict=True))
+        for row in [header, *rows]
+    ]
+    counts = ", ".join(f"{n} {status}" for status, n in sweep.counts.items() if n)
+    title = f"{sweep.id}  {sweep.status}  ({counts})  {sweep.metric} {sweep.mode}"
+    return "\n".join([title, *(line.rstrip() for line in lines)])
+
+
+@_guarded
+def run_sweep_create(args: argparse.Namespace) -> int:
+    with _client(args) as client:
+        sweep = client.sweeps.create(
+            args.spec,
+            _grid(args.grid),
+            metric=args.metric,
+            mode=args.mode,
+            max_parallel=args.max_parallel,
+            idempotency_key=args.idempotency_key,
+        )
+        if not args.wait:
+            _print(args, sweep, _sweep_table(sweep))
+            return EXIT_OK
+        if not args.json:
+            print(f"created {sweep.id}", file=sys.stderr)
+        return _watch_sweep(client, sweep.id, args)
+
+
+@_guarded
+def run_sweep_action(args: argparse.Namespace) -> int:
+    with _client(args) as client:
+        sweep = getattr(client.sweeps, args.action)(args.sweep_id)
+        _print(args, sweep, _sweep_table(sweep))
+    return EXIT_OK
+
+
+@_guarded
+def run_sweep_list(args: argparse.Namespace) -> int:
+    with _client(args) as client:
+        sweeps = []
+        for sweep in client.sweeps.list():
+            sweeps.append(sweep)
+            if args.limit and len(sweeps) >= args.limit:
+                break
+    if args.json:
+        print(json.dumps([sweep.model_dump(mode="json") for sweep in sweeps], indent=2, default=str))
+        return EXIT_OK
+    for sweep in sweeps:
+        best = f"best {sweep.best.value:.4g} ({sweep.best.job_id})" if sweep.best else "no best yet"
+        print(f"{sweep.id}  {sweep.status}  {len(sweep.jobs)} jobs  {sweep.metric} {sweep.mode}: {best}")
+    return EXIT_OK
+
+
+@_guarded
+def run_sweep_watch(args: argparse.Namespace) -> int:
+    with _client(args) as client:
+        return _watch_sweep(client, args.sweep_id, args)
+
+
+def _watch_sweep(client: Any, sweep_id: str, args: argparse.Namespace) -> int:
+    """Refresh the sweep's table until no job is queued or running; 0 when a best job exists."""
+    from distillery import SweepWaitTimeout
+
+    live = None
+    if not args.json:
+        from rich.console import Console
+        from rich.live import Live
+        from rich.text import Text
+
+        live = Live(console=Console(stderr=True), auto_refresh=False)
+        live.start()
+
+        def show(sweep: Any) -> None:
+            live.update(Text(_sweep_table(sweep)), refresh=True)
+
+    try:
+        sweep = client.sweeps.wait(
+            sweep_id,
+            timeout=args.timeout,
+            poll_interval=args.interval,
+            on_update=None if live is None else show,
+        )
+    except SweepWaitTimeout as exc:
+        print(f"timed out after {args.timeout:g} s; the sweep is {exc.sweep.status}", file=sys.stderr)
+        return EXIT_TIMEOUT
+    finally:
+        if live is not None:
+            live.stop()
+    _print(args, sweep, _sweep_table(sweep))
+    return EXIT_OK if sweep.best is not None else EXIT_FAILED
