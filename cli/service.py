@@ -100,6 +100,7 @@ def service_env(settings: Settings) -> dict[str, str]:
         "DISTILL_DATABASE_URL": settings.database_url,
         "DISTILL_BROKER_URL": settings.broker_url,
         "DISTILL_STORAGE_DIR": str(settings.artifacts),
+        "DISTILL_STORAGE_URL": settings.storage_url,
         "DISTILL_MODEL_ROOTS": ",".join(str(root) for root in settings.model_roots),
         "DISTILL_TRAINER_THREADS": str(settings.trainer_threads),
         "DISTILL_TRAINER_NICE": str(settings.trainer_nice),
@@ -119,7 +120,8 @@ def worker_command(
     name = name or f"distill-{secrets.token_hex(3)}@%h"
     return [
         sys.executable, "-m", "celery", "-A", WORKER_APP, "worker",
-        "--pool", pool, "--concurrency", str(concurrency), "--queues", settings.task_queue,
+        "--pool", pool, "--concurrency", str(concurrency),
+        "--queues", ",".join(settings.worker_queues or [settings.task_queue]),  # DISTILL_WORKER_QUEUES
         "--hostname", name, "--loglevel", "INFO", "--without-gossip", "--without-mingle",
     ]  # fmt: skip
 

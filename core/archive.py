@@ -1,4 +1,5 @@
-"""Downloadable `.tar.gz` archives of artifact directories (the student, checkpoints), built once and kept.
+"""Downloadable `.tar.gz` archives of stored artifact directories (the student, checkpoints), built once
+and kept in the artifact storage beside them.
 
 Archives are byte-for-byte deterministic (sorted members, fixed owners and gzip header), so two requests
 building the same archive at once write identical files and either may win the final rename.
@@ -11,10 +12,11 @@ import hashlib
 import os
 import tarfile
 import tempfile
-import threading
 from dataclasses import dataclass
 from pathlib import Path
 from typing import BinaryIO
+
+from core.storage import Storage
 
 # Weights barely compress; a low level keeps building fast on large students.
 COMPRESS_LEVEL = 3
@@ -22,7 +24,7 @@ COMPRESS_LEVEL = 3
 
 @dataclass(frozen=True)
 class Archive:
-    path: Path
+    key: str  # in the artifact storage
     sha256: str
     size_bytes: int
 
@@ -64,23 +66,28 @@ def _write_tar(directory: Path, arcname: str, sink: BinaryIO) -> None:
                 )
 
 
-def directory_archive(directory: Path, archive_path: Path, arcname: str) -> Archive:
-    """The cached archive of `directory` (built on first use); the SHA-256 is kept in a side file."""
-    sha_path = archive_path.with_name(archive_path.name + ".sha256")
-    if archive_path.is_file() and sha_path.is_file():
-        return Archive(archive_path, sha_path.read_text().strip(), archive_path.stat().st_size)
-    archive_path.parent.mkdir(parents=True, exist_ok=True)
-    handle, temp_name = tempfile.mkstemp(dir=archive_path.parent, suffix=".partial")
+def directory_archive(storage: Storage, directory: str, archive: str, arcname: str) -> Archive:
+    """The stored archive `archive` of the stored directory `directory` (built on first use, on local
+    scratch, then put into the storage); the SHA-256 is kept in a side file."""
+    sha_key = archive + ".sha256"
+    size, sha256 = storage.size(archive), storage.read_text(sha_key)
+    if size is not None and sha256:
+        return Archive(archive, sha256.strip(), size)
+    scratch = storage.root / "tmp"
+    scratch.mkdir(parents=True, exist_ok=True)
+    handle, temp_name = tempfile.mkstemp(dir=scratch, suffix=".partial")
+    sha_temp = scratch / f"{Path(temp_name).name}.sha256"
     try:
-        with os.fdopen(handle, "wb") as sink:
+        with os.fdopen(handle, "wb") as sink, storage.checkout(directory, scratch) as local:
             writer = _HashingWriter(sink)
-            _write_tar(directory, arcname, writer)  # type: ignore[arg-type]
+            _write_tar(local, arcname, writer)  # type: ignore[arg-type]
             sha256 = writer.digest.hexdigest()
+        size = Path(temp_name).stat().st_size
         # The side file goes first: whoever sees the archive also finds its hash.
-        sha_temp = archive_path.with_name(f"{sha_path.name}.{os.getpid()}-{threading.get_ident()}.partial")
         sha_temp.write_text(sha256 + "\n")
-        os.replace(sha_temp, sha_path)
-        os.replace(temp_name, archive_path)
+        storage.put_file(sha_key, sha_temp)
+        storage.put_file(archive, Path(temp_name))
     finally:
         Path(temp_name).unlink(missing_ok=True)
-    return Archive(archive_path, sha256, archive_path.stat().st_size)
+        sha_temp.unlink(missing_ok=True)
+    return Archive(archive, sha256, size)

@@ -24,7 +24,26 @@ class Settings(BaseSettings):
     home: Path = Field(default=DEFAULT_HOME, description="Where embedded defaults keep their files.")
     database_url: str = Field(default="", description="SQLAlchemy URL; default sqlite under `home`.")
     broker_url: str = Field(default="", description="Celery broker; default SQLAlchemy transport on SQLite.")
-    storage_dir: Path | None = Field(default=None, description="Artifacts; default `home`/artifacts.")
+    storage_dir: Path | None = Field(
+        default=None,
+        description="Local artifacts: the store itself, or with an s3:// storage_url this machine's scratch "
+        "copy; default `home`/artifacts (`home`/scratch with s3://).",
+    )
+    # Object storage (core/storage/s3.py): AWS S3, MinIO, Ceph, R2... Credentials: these two, else the
+    # standard AWS variables and files (AWS_ACCESS_KEY_ID, AWS_PROFILE, instance roles).
+    storage_url: str = Field(
+        default="", description="s3://bucket/prefix, or a local directory (default: storage_dir)."
+    )
+    s3_endpoint_url: str = Field(default="", description="S3 API endpoint (MinIO, Ceph, R2); empty = AWS.")
+    s3_region: str = Field(default="", description="Region of the bucket; empty = the AWS default chain.")
+    s3_access_key_id: str = ""
+    s3_secret_access_key: str = ""
+    s3_multipart_chunk_bytes: int = Field(
+        default=8 * 1024 * 1024,
+        ge=5 * 1024 * 1024,
+        description="Part size of multipart uploads and ranged downloads: bounds memory per transfer thread.",
+    )
+    s3_max_concurrency: int = Field(default=4, ge=1, le=64, description="Threads per transfer.")
     model_roots: Annotated[list[Path], NoDecode] = Field(
         default_factory=lambda: [Path("models")],
         description="Local directories job specs may load models from (comma-separated in the env).",
@@ -74,7 +93,22 @@ class Settings(BaseSettings):
     )
     max_attempts: int = Field(default=3, ge=1)
     cancel_grace_s: float = Field(default=30.0, ge=0, description="Stop request → terminate after this.")
-    task_queue: str = "distill"
+    task_queue: str = Field(default="distill", description="The default job queue (jobs naming no queue).")
+    # Routing (core/queue.py): a job's `resources.queue` picks one of `queues`; workers consume `worker_queues`.
+    queues: Annotated[list[str], NoDecode] = Field(
+        default_factory=list,
+        description="Device classes jobs may name as resources.queue (comma-separated); empty = only the "
+        "default queue.",
+    )
+    worker_queues: Annotated[list[str], NoDecode] = Field(
+        default_factory=list,
+        description="Queues `distill worker` consumes (comma-separated); default: the default queue.",
+    )
+    worker_devices: int | None = Field(
+        default=None,
+        ge=0,
+        description="Devices this worker has; default: CUDA_VISIBLE_DEVICES' count when set, else no limit.",
+    )
 
     # Webhooks (core/webhooks): deliveries go out from their own queue, so they never wait for a training job.
     webhook_queue: str = Field(default="distill-webhooks", description="Celery queue of webhook deliveries.")
@@ -109,6 +143,13 @@ class Settings(BaseSettings):
             return [part for part in (p.strip() for p in value.split(",")) if part]
         return value
 
+    @field_validator("queues", "worker_queues", mode="before")
+    @classmethod
+    def _split_queues(cls, value: object) -> object:
+        if isinstance(value, str):
+            return [part for part in (p.strip() for p in value.split(",")) if part]
+        return value
+
     @field_validator("webhook_allow_hosts", mode="before")
     @classmethod
     def _split_hosts(cls, value: object) -> object:
@@ -130,8 +171,16 @@ class Settings(BaseSettings):
             self.database_url = f"sqlite:///{home / 'distill.db'}"
         if not self.broker_url:
             self.broker_url = f"sqla+sqlite:///{home / 'broker.db'}"
+        if self.storage_url.startswith("s3://") and not self.storage_url[5:].split("/")[0]:
+            raise ValueError("DISTILL_STORAGE_URL: s3://bucket/prefix needs a bucket name")
+        if "://" in self.storage_url and not self.storage_url.startswith(("s3://", "file://")):
+            raise ValueError("DISTILL_STORAGE_URL is s3://bucket/prefix or a local directory")
+        if self.storage_url and not self.storage_url.startswith("s3://"):
+            # A local directory given as the storage URL (a path or file:///path).
+            self.storage_dir = Path(self.storage_url.removeprefix("file://")).expanduser()
+            self.storage_url = ""
         if self.storage_dir is None:
-            self.storage_dir = home / "artifacts"
+            self.storage_dir = home / ("scratch" if self.storage_url else "artifacts")
         self.model_roots = [p.expanduser().resolve() for p in self.model_roots]
         if self.docs_enabled is None:
             self.docs_enabled = self.environment != "production"

@@ -5,8 +5,11 @@ from __future__ import annotations
 
 import functools
 import sqlite3
+from collections.abc import Sequence
+from typing import Any
 
 from celery import Celery
+from sqlalchemy import select
 
 from core.config import Settings
 
@@ -64,14 +67,39 @@ def celery_client(settings: Settings) -> Celery:
     return app
 
 
-def enqueue_job(settings: Settings, job_id: str) -> None:
-    """Send the run-job task; call only after the job row is committed (with its `enqueued_at` set)."""
-    celery_client(settings).send_task(RUN_JOB_TASK, args=[job_id], queue=settings.task_queue)
+def job_queues(settings: Settings) -> list[str]:
+    """Every queue jobs are sent to: the default one, then the configured device classes (`queues`)."""
+    return list(dict.fromkeys([settings.task_queue, *settings.queues]))
 
 
-def queue_depth(settings: Settings, *, timeout_s: float = 5.0) -> int:
-    """How many messages wait in the job queue (not counting those a worker holds); raises when the broker
-    does not answer within about `timeout_s`.
+def queue_of(spec: dict[str, Any] | None, settings: Settings) -> str:
+    """The queue of a job with the stored `spec`: its `resources.queue`, else the default queue."""
+    resources = (spec or {}).get("resources") or {}
+    return resources.get("queue") or settings.task_queue
+
+
+def job_queue(settings: Settings, job_id: str) -> str:
+    """The queue `job_id` is sent to (read from its stored spec; a missing job: the default queue)."""
+    from core.db import session_scope
+    from core.jobs.models import Job
+
+    with session_scope(settings.database_url) as session:
+        spec = session.scalar(select(Job.spec).where(Job.id == job_id))
+    return queue_of(spec, settings)
+
+
+def enqueue_job(settings: Settings, job_id: str, *, queue: str | None = None) -> None:
+    """Send the run-job task to the job's queue (`resources.queue`, read from the database unless given);
+    call only after the job row is committed (with its `enqueued_at` set). Every sender (creation, resume,
+    the reaper, a crashed trainer's re-queue, a worker handing back a job too big for it) goes through here,
+    so a job never leaves its device class."""
+    queue = queue or job_queue(settings, job_id)
+    celery_client(settings).send_task(RUN_JOB_TASK, args=[job_id], queue=queue, routing_key=queue)
+
+
+def queue_depth(settings: Settings, *, timeout_s: float = 5.0, queues: Sequence[str] | None = None) -> int:
+    """How many messages wait in `queues` (default: every job queue, see `job_queues`), not counting those a
+    worker holds; raises when the broker does not answer within about `timeout_s`.
 
     A passive declare reads the depth the same way on every kombu transport (Redis: the list's length;
     the SQL broker: its visible rows). Redis deletes an empty list, which a passive declare reports as a
@@ -85,8 +113,11 @@ def queue_depth(settings: Settings, *, timeout_s: float = 5.0) -> int:
         options |= {"socket_connect_timeout": timeout_s, "socket_timeout": timeout_s}
     with Connection(settings.broker_url, connect_timeout=timeout_s, transport_options=options) as connection:
         connection.ensure_connection(max_retries=0, timeout=timeout_s)
-        try:
-            declared = connection.default_channel.queue_declare(queue=settings.task_queue, passive=True)
-        except ChannelError:
-            return 0
-        return int(declared.message_count)
+        depth = 0
+        for queue in queues if queues is not None else job_queues(settings):
+            try:
+                declared = connection.default_channel.queue_declare(queue=queue, passive=True)
+            except ChannelError:
+                continue
+            depth += int(declared.message_count)
+        return depth

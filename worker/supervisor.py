@@ -178,6 +178,7 @@ def _supervise(attempt: _Attempt, settings: Settings, command: list[str]) -> Out
         # The child must see this process' settings even when they were not given by the environment.
         "DISTILL_DATABASE_URL": settings.database_url,
         "DISTILL_STORAGE_DIR": str(settings.artifacts),
+        "DISTILL_STORAGE_URL": settings.storage_url,
         "DISTILL_TRAINER_THREADS": str(settings.trainer_threads),
         "DISTILL_MLFLOW_TRACKING_URI": settings.mlflow_tracking_uri,
         "PYTHONUNBUFFERED": "1",

@@ -20,6 +20,7 @@ import os
 from core.config import get_settings
 from core.queue import RUN_JOB_TASK
 from worker.celery_app import app
+from worker.routing import hand_back_if_too_big
 from worker.supervisor import run_job as supervise_job
 
 log = logging.getLogger(__name__)
@@ -30,6 +31,8 @@ def run_job(self: object, job_id: str) -> str:
     """Claim and run one distillation job (a no-op if another delivery already claimed it)."""
     worker_id = f"{self.request.hostname or 'worker'}:{os.getpid()}"  # type: ignore[attr-defined]
     try:
+        if hand_back_if_too_big(get_settings(), job_id, worker_id):
+            return "handed_back"
         return supervise_job(job_id, get_settings(), worker_id)
     except Exception:
         # Typically the database is unreachable. The job is either still queued (retried on the next

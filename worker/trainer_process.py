@@ -21,7 +21,7 @@ from core.distill.data_formats import DataError
 from core.distill.model_checks import ModelReferenceError, TokenizerMismatchError
 from core.distill.spec import JobSpec
 from core.jobs.models import Job
-from core.storage import Storage
+from core.storage import Storage, open_storage
 from worker.job_files import EXIT_TRAINING_FAILED, JobFiles
 from worker.progress import DatabaseCallbacks
 from worker.student_card import write_job_student_card
@@ -88,7 +88,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
 
     settings = Settings()
-    storage = Storage(settings.artifacts)
+    storage = open_storage(settings)  # object storage: output_dir is this machine's scratch copy
     output_dir = storage.job_dir(args.job_id)
     files = JobFiles(output_dir)
     spec = files.read_spec(args.spec)
@@ -100,7 +100,7 @@ def main(argv: list[str] | None = None) -> int:
         checkpoint_every=spec.training.checkpoint_every,
     )
     try:
-        from core.distill.layout import checkpoint_step
+        from core.distill.layout import checkpoint_step, checkpoints_dir
         from core.distill.trainer import latest_checkpoint, train
 
         if settings.trainer_threads:
@@ -109,6 +109,8 @@ def main(argv: list[str] | None = None) -> int:
             # Fewer threads than cores when the API shares the machine: OpenMP threads that lose their
             # core to another process stall each other at every barrier.
             torch.set_num_threads(settings.trainer_threads)
+        # Object storage: the checkpoints earlier attempts (maybe on other machines) pushed.
+        storage.pull(storage.relative(checkpoints_dir(output_dir)))
         resume_from = latest_checkpoint(output_dir)
         if resume_from is not None:
             callbacks.on_resume(checkpoint_step(resume_from), resume_from)
@@ -124,6 +126,7 @@ def main(argv: list[str] | None = None) -> int:
                 steps=result.step,
                 metrics=result.metrics,
             )
+            storage.push(storage.relative(result.student_dir))  # before the job can succeed
         callbacks.flush()
     except Exception as exc:
         traceback.print_exc()

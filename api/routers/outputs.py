@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import re
-from typing import Annotated
+from typing import Annotated, Literal
 
-from fastapi import APIRouter, Header, Query
-from fastapi.responses import FileResponse, StreamingResponse
+from fastapi import APIRouter, Header, Query, Request
+from fastapi.responses import FileResponse, Response, StreamingResponse
 
 from api.deps import SessionDep, SettingsDep, TenantDep
+from api.errors import error_response
 from api.schemas import (
     INT32_MAX,
     INT64_MAX,
@@ -28,12 +29,15 @@ from core.distill import layout
 from core.errors import Conflict, InvalidRequest, NotFound
 from core.jobs import service
 from core.jobs.states import JobStatus
-from core.storage import Storage, storage_errors
+from core.storage import Storage, open_storage, storage_errors
 
 router = APIRouter(prefix="/v1/jobs/{job_id}", tags=["job outputs"])
 
 # Metric names as the trainer writes them (`loss`, `eval_rouge_l`, ...); Metric.name is 64 characters.
 _METRIC_NAME = re.compile(r"^[A-Za-z0-9_.:/-]{1,64}$")
+
+# One span of a Range header: `bytes=first-last`, `bytes=first-` or `bytes=-suffix_length`.
+_BYTE_RANGE = re.compile(r"\s*bytes\s*=\s*(\d{0,19})\s*-\s*(\d{0,19})\s*", re.ASCII | re.IGNORECASE)
 
 _TAR_RESPONSES = {
     200: {"content": {"application/gzip": {}}, "description": "A .tar.gz of a Hugging Face model directory."},
@@ -116,47 +120,95 @@ def job_checkpoints(session: SessionDep, tenant: TenantDep, job_id: JobId) -> Pa
     return Page(data=[CheckpointOut.of(row) for row in rows])
 
 
-def _archive_response(archive: Archive, filename: str) -> FileResponse:
-    return FileResponse(
-        archive.path,
-        media_type="application/gzip",
-        filename=filename,
-        headers={"X-Content-SHA256": archive.sha256},
-    )
+def _archive_response(storage: Storage, archive: Archive, filename: str, request: Request) -> Response:
+    """The archive as a download: a local store's file as a FileResponse (Range, HEAD, If-Range), an
+    object store's streamed from it, a requested byte range included (206)."""
+    headers = {"X-Content-SHA256": archive.sha256}
+    local = storage.local_file(archive.key)
+    if local is not None:
+        return FileResponse(local, media_type="application/gzip", filename=filename, headers=headers)
+    size = archive.size_bytes
+    headers |= {
+        "Accept-Ranges": "bytes",
+        "ETag": f'"{archive.sha256}"',
+        "Content-Disposition": f'attachment; filename="{filename}"',
+    }
+    if_range = request.headers.get("if-range")
+    span = None if if_range not in (None, headers["ETag"]) else request.headers.get("range")
+    wanted = byte_range(span, size) if span else None
+    if wanted == "unsatisfiable":
+        return error_response(
+            416,
+            "range_not_satisfiable",
+            f"the requested range is outside the file's {size} bytes",
+            param="Range",
+            headers={"Content-Range": f"bytes */{size}"},
+        )
+    start, end = wanted if isinstance(wanted, tuple) else (0, size - 1)
+    with storage_errors("reading the archive"):
+        chunks = storage.open_range(archive.key, start, end) if size else iter(())
+    headers["Content-Length"] = str(end - start + 1)
+    status = 200
+    if isinstance(wanted, tuple):
+        status = 206
+        headers["Content-Range"] = f"bytes {start}-{end}/{size}"
+    return StreamingResponse(chunks, status_code=status, media_type="application/gzip", headers=headers)
+
+
+def byte_range(header: str, size: int) -> tuple[int, int] | Literal["unsatisfiable"] | None:
+    """The inclusive (first, last) byte of one `Range: bytes=...` span within `size` bytes; None for a
+    header to ignore (not bytes, several spans, malformed: RFC 9110 lets a server send the whole file);
+    "unsatisfiable" for a span that starts past the end."""
+    match = _BYTE_RANGE.fullmatch(header)
+    if match is None or not any(match.groups()):
+        return None
+    first, last = match.groups()
+    if not first:  # the last N bytes
+        count = int(last)
+        if count == 0:
+            return "unsatisfiable"
+        return (max(size - count, 0), size - 1) if size else "unsatisfiable"
+    start, end = int(first), int(last) if last else size - 1
+    if end < start:
+        return None
+    if start >= size:
+        return "unsatisfiable"
+    return start, min(end, size - 1)
 
 
 @router.get("/checkpoints/{step}/download", response_class=FileResponse, responses=_TAR_RESPONSES)
 def download_checkpoint(
-    session: SessionDep, settings: SettingsDep, tenant: TenantDep, job_id: JobId, step: Step
-) -> FileResponse:
-    """Download one checkpoint as a streamed .tar.gz (size and SHA-256 in the headers)."""
+    request: Request, session: SessionDep, settings: SettingsDep, tenant: TenantDep, job_id: JobId, step: Step
+) -> Response:
+    """Download one checkpoint as a streamed .tar.gz (size and SHA-256 in the headers; Range supported)."""
     service.get_job(session=session, tenant_id=tenant.id, job_id=job_id)
     checkpoint = service.get_checkpoint(session=session, job_id=job_id, step=step)
-    storage = Storage(settings.artifacts)
-    directory = storage.resolve(checkpoint.storage_path)
-    if not directory.is_dir():
-        raise NotFound("checkpoint_missing", f"the files of checkpoint {step} are gone", param="step")
+    storage = open_storage(settings)
     name = layout.checkpoint_download_name(step)
     with storage_errors("building the checkpoint archive"):
-        archive = directory_archive(directory, storage.job_dir(job_id) / "archives" / f"{name}.tar.gz", name)
-    return _archive_response(archive, f"{job_id}-{name}.tar.gz")
+        if not storage.exists(checkpoint.storage_path):
+            raise NotFound("checkpoint_missing", f"the files of checkpoint {step} are gone", param="step")
+        archive_key = storage.relative(storage.job_dir(job_id) / "archives" / f"{name}.tar.gz")
+        archive = directory_archive(storage, checkpoint.storage_path, archive_key, name)
+    return _archive_response(storage, archive, f"{job_id}-{name}.tar.gz", request)
 
 
 @router.get("/student", response_class=FileResponse, responses=_TAR_RESPONSES)
 def download_student(
-    session: SessionDep, settings: SettingsDep, tenant: TenantDep, job_id: JobId
-) -> FileResponse:
-    """Download the distilled student (a Hugging Face directory) as a streamed .tar.gz."""
+    request: Request, session: SessionDep, settings: SettingsDep, tenant: TenantDep, job_id: JobId
+) -> Response:
+    """Download the distilled student (a Hugging Face directory) as a streamed .tar.gz (Range supported)."""
     job = service.get_job(session=session, tenant_id=tenant.id, job_id=job_id)
     if job.status != JobStatus.SUCCEEDED:
         raise Conflict(
             "student_not_ready", f"the student is available once the job succeeds (it is {job.status.value})"
         )
-    storage = Storage(settings.artifacts)
-    directory = layout.student_dir(storage.job_dir(job_id))
-    if not (directory / "config.json").is_file():
-        raise NotFound("student_missing", "the job succeeded but its student directory is missing")
+    storage = open_storage(settings)
+    directory = storage.relative(layout.student_dir(storage.job_dir(job_id)))
     name = layout.STUDENT_DIR
     with storage_errors("building the student archive"):
-        archive = directory_archive(directory, storage.job_dir(job_id) / "archives" / f"{name}.tar.gz", name)
-    return _archive_response(archive, f"{job_id}-{name}.tar.gz")
+        if not storage.exists(f"{directory}/config.json"):
+            raise NotFound("student_missing", "the job succeeded but its student directory is missing")
+        archive_key = storage.relative(storage.job_dir(job_id) / "archives" / f"{name}.tar.gz")
+        archive = directory_archive(storage, directory, archive_key, name)
+    return _archive_response(storage, archive, f"{job_id}-{name}.tar.gz", request)

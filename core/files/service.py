@@ -18,7 +18,7 @@ from core.distill.data_formats import inspect_jsonl
 from core.errors import InvalidRequest, NotFound, PayloadTooLarge
 from core.files.models import File
 from core.pagination import newest_first_page
-from core.storage import Storage, storage_errors
+from core.storage import open_storage, storage_errors
 
 CHUNK_BYTES = 1 << 20
 PURPOSES = ("train", "eval")
@@ -90,9 +90,9 @@ def store_upload(
             "invalid_purpose", f"purpose must be one of {', '.join(PURPOSES)}", param="purpose"
         )
     name = _clean_filename(filename)
-    storage = Storage(settings.artifacts)
+    storage = open_storage(settings)
     with storage_errors("storing the upload"):
-        scratch = storage.root / "tmp"
+        scratch = storage.root / "tmp"  # local in any case: the file is validated before it is stored
         scratch.mkdir(parents=True, exist_ok=True)
         digest = hashlib.sha256()
         handle, temp_name = tempfile.mkstemp(dir=scratch, suffix=".upload")
@@ -110,9 +110,8 @@ def store_upload(
             if report.records == 0:
                 raise InvalidRequest("empty_file", "the file holds no records", param="file")
             file_id = new_id("file")
-            final_path = storage.file_path(tenant_id, file_id)
-            final_path.parent.mkdir(parents=True, exist_ok=True)
-            os.replace(temp_path, final_path)
+            key = storage.relative(storage.file_path(tenant_id, file_id))
+            storage.put_file(key, temp_path)
         finally:
             temp_path.unlink(missing_ok=True)
     row = File(
@@ -124,14 +123,15 @@ def store_upload(
         sha256=digest.hexdigest(),
         records=report.records,
         format=report.detected_format,
-        storage_path=storage.relative(final_path),
+        storage_path=key,
     )
     session.add(row)
     try:
         session.commit()
     except BaseException:
         session.rollback()
-        final_path.unlink(missing_ok=True)
+        with storage_errors("removing an upload that was not recorded"):
+            storage.delete(key)
         raise
     return row
 
@@ -153,14 +153,19 @@ def get_file(*, session: Session, tenant_id: str, file_id: str, param: str | Non
 
 
 def file_path(*, settings: Settings, file: File) -> Path:
-    """The absolute path of a stored file (what the worker hands the trainer for a file id)."""
-    return Storage(settings.artifacts).resolve(file.storage_path)
+    """A local path holding a stored file's content (what the worker hands the trainer for a file id):
+    the file itself in a local store, a copy pulled into this machine's scratch from object storage. The
+    path does not exist when the stored content is gone."""
+    storage = open_storage(settings)
+    with storage_errors("reading an uploaded file"):
+        return storage.pull(file.storage_path)
 
 
 def delete_file(*, session: Session, settings: Settings, tenant_id: str, file_id: str) -> None:
     """Delete a file and its row (callers check first that no active job reads it)."""
     row = get_file(session=session, tenant_id=tenant_id, file_id=file_id)
-    path = file_path(settings=settings, file=row)
+    key = row.storage_path
     session.delete(row)
     session.commit()
-    path.unlink(missing_ok=True)
+    with storage_errors("deleting the file"):
+        open_storage(settings).delete(key)

@@ -27,8 +27,8 @@ from core.jobs.lifecycle import add_event, reopen, transition
 from core.jobs.models import Checkpoint, Job, JobEvent, Metric
 from core.jobs.states import RESUMABLE_STATES, TERMINAL_STATES, JobStatus
 from core.pagination import newest_first_page
-from core.queue import enqueue_job
-from core.storage import Storage
+from core.queue import enqueue_job, job_queues
+from core.storage import open_storage, storage_errors
 
 logger = logging.getLogger(__name__)
 
@@ -125,7 +125,13 @@ def resolve_model_names(spec: JobSpec, settings: Settings) -> JobSpec:
 
 
 def validate_spec(*, session: Session, settings: Settings, tenant_id: str, spec: JobSpec) -> None:
-    """Check every reference in a spec (files, models, layers) before a job is accepted."""
+    """Check every reference in a spec (files, models, layers, queue) before a job is accepted."""
+    queue = spec.resources.queue
+    if queue is not None and queue not in job_queues(settings):
+        known = ", ".join(job_queues(settings))
+        raise InvalidRequest(
+            "unknown_queue", f"no queue {queue!r}; this service's queues: {known}", param="resources.queue"
+        )
     for field in ("train", "eval"):
         file_id = getattr(spec.data, field)
         if file_id is None:
@@ -440,10 +446,11 @@ def resume_job(*, session: Session, settings: Settings, tenant_id: str, job_id: 
 
 def _last_checkpoint_step(*, session: Session, settings: Settings, job_id: str) -> int | None:
     """The newest recorded checkpoint whose directory is still on disk (the trainer verifies it)."""
-    storage = Storage(settings.artifacts)
+    storage = open_storage(settings)
     for checkpoint in reversed(list_checkpoints(session=session, job_id=job_id)):
-        if storage.resolve(checkpoint.storage_path).is_dir():
-            return checkpoint.step
+        with storage_errors("looking for the job's checkpoints"):
+            if storage.exists(checkpoint.storage_path):
+                return checkpoint.step
     return None
 
 

@@ -73,7 +73,7 @@ _UNSENT = or_(
 
 
 def _webhook_queue_depth(settings: Settings) -> int:
-    return queue_depth(settings.model_copy(update={"task_queue": settings.webhook_queue}))
+    return queue_depth(settings, queues=[settings.webhook_queue])
 
 
 def dispatch_due(settings: Settings, *, now: datetime | None = None) -> list[str]:
