@@ -6,9 +6,13 @@ Each one is a Hugging Face directory of the student (config, safetensors, tokeni
     trainer_state.json          the rest: step, scheduler, python and numpy RNG states, data position,
                                 strategy (replay buffer) and TAID state, last metrics
     spec.json                   the JobSpec that produced it
-    manifest.json               format version, step, and every other file's size and SHA-256; written last
+    optimizer-shards/           (FSDP only) every rank's optimizer shards (torch.distributed.checkpoint);
+                                trainer_state.json then keeps only the optimizer's param groups
+    manifest.json               format version, step, and every other file's size and SHA-256 (those in
+                                subdirectories too); written last
 
-Nothing in a checkpoint is unpickled, so whoever can write to the storage cannot run code in the worker.
+Nothing in a checkpoint is unpickled (but the sharded metadata, with only its own classes allowed:
+`core.distill.distributed`), so whoever can write to the storage cannot run code in the worker.
 A checkpoint is assembled in a hidden temporary directory, fsynced, and renamed into place, so a crash never
 leaves a half-written `step-*` directory. `verify_checkpoint` re-hashes the files against the manifest;
 `find_checkpoint` returns the newest checkpoint that verifies and lists the newer ones it skipped, which
@@ -49,6 +53,7 @@ STATE_TENSORS = "trainer_state.safetensors"
 STATE_JSON = "trainer_state.json"
 SPEC_FILE = "spec.json"
 LEGACY_STATE = "trainer_state.pt"  # format 1
+SHARDED_DIR = "optimizer-shards"
 CORRUPT_SUFFIX = ".corrupt"
 _REQUIRED = (STATE_TENSORS, STATE_JSON, SPEC_FILE, "config.json")
 _STORAGE_FULL_ERRNOS = {errno.ENOSPC, errno.EDQUOT}
@@ -239,9 +244,11 @@ def save_checkpoint(
     tokenizer: Any,
     spec: JobSpec,
     trainer_state: dict[str, Any],
+    sharded: Path | None = None,
 ) -> Path:
     """Write checkpoint `step` atomically and return its path. Raises `StorageFullError` when the disk or
-    quota is full (nothing partial is left behind)."""
+    quota is full (nothing partial is left behind). `sharded`: a directory every rank wrote its shards to
+    (FSDP), moved into the checkpoint as `optimizer-shards/` and covered by the manifest."""
     final = checkpoint_path(output_dir, step)
     tmp = final.parent / f".tmp-{final.name}-{os.getpid()}"
     final.parent.mkdir(parents=True, exist_ok=True)
@@ -250,6 +257,8 @@ def save_checkpoint(
             if tmp.exists():
                 shutil.rmtree(tmp)
             save_student(student, tokenizer, tmp)
+            if sharded is not None:
+                os.replace(sharded, tmp / SHARDED_DIR)
             write_trainer_state(tmp, trainer_state)
             (tmp / SPEC_FILE).write_text(spec.model_dump_json(indent=2), encoding="utf-8")
             _write_manifest(tmp, step)

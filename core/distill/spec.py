@@ -218,6 +218,34 @@ class EvaluationSpec(_Spec):
     num_samples_logged: StrictInt = Field(default=3, ge=0, le=50)
 
 
+class ResourcesSpec(_Spec):
+    """The devices a job trains on: `devices` ranks per machine, launched by `torch.distributed.run`.
+
+    `ddp` replicates the student on every rank; `fsdp` (FSDP2) shards it, its gradients and its optimizer
+    state. The global batch (`training.batch_size` × `grad_accum`), the loss normalization and the data
+    order are those of one device. Several machines (`nnodes` > 1) are for `distill train` run on each of
+    them with the same `rdzv_endpoint`; the service trains a job on one machine."""
+
+    devices: StrictInt = Field(default=1, ge=1, le=64, description="Ranks (devices) per machine.")
+    strategy: Literal["ddp", "fsdp"] = Field(
+        default="ddp", description="ddp replicates the student; fsdp shards it (FSDP2)."
+    )
+    nnodes: StrictInt = Field(default=1, ge=1, le=1024, description="Machines (distill train only).")
+    rdzv_endpoint: Annotated[str, Field(min_length=3, max_length=300), AfterValidator(_plain_text)] | None = (
+        Field(default=None, description="host:port of the rendezvous when nnodes > 1 (distill train only).")
+    )
+
+    @property
+    def world_size(self) -> int:
+        return self.devices * self.nnodes
+
+    @model_validator(mode="after")
+    def _rendezvous(self) -> ResourcesSpec:
+        if self.nnodes > 1 and self.rdzv_endpoint is None:
+            raise ValueError("resources.rdzv_endpoint (host:port) is needed when resources.nnodes > 1")
+        return self
+
+
 class JobSpec(_Spec):
     teacher: TeacherSpec
     student: StudentSpec
@@ -227,6 +255,17 @@ class JobSpec(_Spec):
     strategy: StrategySpec = Field(default_factory=StrategySpec)
     training: TrainingSpec = Field(default_factory=TrainingSpec)
     evaluation: EvaluationSpec = Field(default_factory=EvaluationSpec)
+    resources: ResourcesSpec = Field(default_factory=ResourcesSpec)
+
+    @model_validator(mode="after")
+    def _batch_splits_across_ranks(self) -> JobSpec:
+        ranks = self.resources.world_size
+        if self.training.batch_size % ranks:
+            raise ValueError(
+                f"training.batch_size ({self.training.batch_size}) must be a multiple of the {ranks} ranks "
+                "(resources.devices × resources.nnodes): each rank takes an equal slice of every micro-batch"
+            )
+        return self
 
     @model_validator(mode="after")
     def _adaptive_needs_eval(self) -> JobSpec:

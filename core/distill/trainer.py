@@ -7,6 +7,10 @@ One optimizer step = `grad_accum` micro-batches of `batch_size` examples. Every 
 tokens divided by the number of response tokens in the whole step, so accumulating micro-batches gives the
 gradient of the one large batch. The student trains in float32 (bf16 autocast on CUDA); the teacher runs in
 eval mode without gradients, in its own dtype.
+
+With `spec.resources.devices` > 1, `train` runs in each of the ranks torchrun started and the ranks split
+every micro-batch (`core.distill.distributed`: same global batch, normalization and data order as on one
+device); only rank 0 calls the callbacks and writes checkpoints and the student.
 """
 
 from __future__ import annotations
@@ -22,7 +26,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from core.distill import layout
+from core.distill import distributed, layout
 from core.distill.callbacks import TrainerCallbacks
 from core.distill.checkpoint import (
     CheckpointError,
@@ -82,9 +86,12 @@ class _Run:
     spec: JobSpec
     output_dir: Path
     device: torch.device
+    ranks: distributed.Ranks
     tokenizer: Any
     teacher: nn.Module
     student: nn.Module
+    # What a training step calls: the student's loss module, under DDP or FSDP on several ranks.
+    trainable: nn.Module
     objective: Objective
     optimizer: torch.optim.Optimizer
     scheduler: torch.optim.lr_scheduler.LambdaLR
@@ -157,7 +164,9 @@ def _setup(
     callbacks: TrainerCallbacks,
     resume_from: Path | None,
     device: torch.device,
+    ranks: distributed.Ranks | None = None,
 ) -> _Run:
+    ranks = ranks or distributed.Ranks()
     _seed_everything(spec.training.seed)
     event = callbacks.on_event
 
@@ -205,9 +214,14 @@ def _setup(
     objective = Objective(
         spec, vocab_size=vocab_size, fused=fused, autocast_dtype=_autocast_dtype(spec, device)
     )
+    if ranks.rank > 0:
+        # Each rank samples its own on-policy responses; rank 0 keeps the one-device stream.
+        torch.manual_seed(spec.training.seed + ranks.rank)
 
     t = spec.training
-    optimizer = build_optimizer(student, learning_rate=t.learning_rate, weight_decay=t.weight_decay)
+    trainable = distributed.wrap_student(student, objective, ranks, device)
+    # Over the wrapped module's parameters: under FSDP they are the student's shards.
+    optimizer = build_optimizer(trainable, learning_rate=t.learning_rate, weight_decay=t.weight_decay)
     scheduler = build_scheduler(
         optimizer, name=t.scheduler, warmup_steps=t.warmup_steps, total_steps=t.max_steps
     )
@@ -220,9 +234,11 @@ def _setup(
         spec=spec,
         output_dir=output_dir,
         device=device,
+        ranks=ranks,
         tokenizer=tokenizer,
         teacher=teacher,
         student=student,
+        trainable=trainable,
         objective=objective,
         optimizer=optimizer,
         scheduler=scheduler,
@@ -238,12 +254,14 @@ def _setup(
     return run
 
 
-def _trainer_state(run: _Run) -> dict[str, Any]:
+def _trainer_state(run: _Run, optimizer: dict[str, Any]) -> dict[str, Any]:
+    """The checkpoint's trainer state (collective: every rank's RNG streams go into it)."""
     return {
         "step": run.step,
-        "optimizer": run.optimizer.state_dict(),
+        "optimizer": optimizer,
         "scheduler": run.scheduler.state_dict(),
         "rng": rng_state(),
+        "rng_ranks": run.ranks.gather([rng_state()]) if run.ranks.is_distributed else None,
         "data": run.order.state_dict(),
         "strategy": run.strategy.state_dict(),
         "taid": run.taid.state_dict() if run.taid is not None else None,
@@ -260,7 +278,7 @@ def _restore(run: _Run, checkpoint: Path) -> None:
             "warning", f"resuming {checkpoint} with a spec that differs from its spec.json"
         )
     run.step = int(state["step"])
-    run.optimizer.load_state_dict(state["optimizer"])
+    distributed.load_optimizer_state(run.trainable, run.optimizer, state["optimizer"], checkpoint)
     run.scheduler.load_state_dict(state["scheduler"])
     run.order.load_state_dict(state["data"])
     run.strategy.load_state_dict(state["strategy"])
@@ -269,7 +287,11 @@ def _restore(run: _Run, checkpoint: Path) -> None:
     run.last_metrics = dict(state.get("metrics") or {})
     run.eval_pending = bool(state.get("eval_pending", False))
     # Last: everything above may draw random numbers; the loop must continue the saved streams.
-    set_rng_state(state["rng"])
+    streams = state.get("rng_ranks")
+    if run.ranks.is_distributed and streams is not None and len(streams) == run.ranks.world_size:
+        set_rng_state(streams[run.ranks.rank])
+    else:
+        set_rng_state(state["rng"])
 
 
 def _set_aside_corrupt(output_dir: Path, resume_from: Path | None, callbacks: TrainerCallbacks) -> None:
@@ -310,29 +332,38 @@ def _student_examples(run: _Run, examples: list[Example]) -> list[Example]:
         batch_size=len(prompts),
     )
     eos = run.tokenizer.eos_token_id
-    responses = generate_responses(
-        run.student, prompts, settings, pad_id=run.pad_id, eos_id=eos, should_stop=run.callbacks.should_stop
-    )
+    with distributed.whole_student(run.trainable):
+        responses = generate_responses(
+            run.student, prompts, settings, pad_id=run.pad_id, eos_id=eos, should_stop=_stop_check(run)
+        )
     return [
         build_student_example(p, r, eos, data.max_length) for p, r in zip(prompts, responses, strict=True)
     ]
 
 
+def _stop_check(run: _Run) -> Any:
+    """What evaluations and generations poll: the callbacks' `should_stop` on one rank. Several ranks never
+    stop inside one (they would leave it at different points): their stop is agreed after every step."""
+    return None if run.ranks.is_distributed else run.callbacks.should_stop
+
+
 def _step_batches(run: _Run, source: Source) -> tuple[list[dict[str, torch.Tensor]], float]:
-    """The step's micro-batches from `source` (on the device), and seconds spent generating."""
-    batch_size, generation_s = run.spec.training.batch_size, 0.0
+    """This rank's share of the step's micro-batches from `source` (on the device), and seconds spent
+    generating. Every rank draws the whole micro-batch and keeps its slice, so the data order, the strategy
+    and the replay buffer are those of one device, on every rank."""
+    batch_size, generation_s, ranks = run.spec.training.batch_size, 0.0, run.ranks
     batches = []
     for _ in range(run.spec.training.grad_accum):
         # The dataset position advances whatever the source, as DistiLLM's loop over its dataloader does.
-        examples = [run.train_examples[i] for i in run.order.take(batch_size)]
+        examples = ranks.shard([run.train_examples[i] for i in run.order.take(batch_size)])
         if source is Source.STUDENT:
             start = time.perf_counter()
             examples = _student_examples(run, examples)
             generation_s += time.perf_counter() - start
             if run.spec.strategy.name == "adaptive":
-                run.strategy.buffer.add(examples)
+                run.strategy.buffer.add(ranks.gather(examples))
         elif source is Source.REPLAY:
-            examples = run.strategy.buffer.sample(batch_size, run.strategy.generator)
+            examples = ranks.shard(run.strategy.buffer.sample(batch_size, run.strategy.generator))
         batches.append({k: v.to(run.device) for k, v in collate(examples, run.pad_id).items()})
     return batches, generation_s
 
@@ -342,31 +373,39 @@ def _train_step(run: _Run, step: int) -> dict[str, float]:
     started = time.perf_counter()
     source = run.strategy.choose(step)
     batches, generation_s = _step_batches(run, source)
-    normalizer = float(max(1, sum(count_loss_tokens(b) for b in batches)))
+    # The normalizer is the whole step's count, over every rank: the ranks' gradients then sum to the
+    # one-device gradient.
+    local_tokens = [
+        sum(count_loss_tokens(b) for b in batches),
+        sum(int(b["attention_mask"].sum()) for b in batches),
+    ]
+    loss_tokens, tokens = run.ranks.sum(local_tokens)
+    normalizer = float(max(1.0, loss_tokens))
     overrides = {"t": run.taid.t} if run.taid is not None else {}
     lr = run.scheduler.get_last_lr()[0]
 
-    totals = {"loss": 0.0, "kd_loss": 0.0, "ce_loss": 0.0}
+    sums = [0.0, 0.0, 0.0]
     teacher_s = student_s = 0.0
-    for batch in batches:
+    for i, batch in enumerate(batches):
         start = time.perf_counter()
         targets = run.objective.teacher_targets(run.teacher, batch)
         teacher_s += time.perf_counter() - start
         start = time.perf_counter()
-        terms = run.objective.student_losses(
-            run.student, run.teacher, targets, batch, normalizer=normalizer, **overrides
-        )
-        if not torch.isfinite(terms.loss):
-            raise TrainingError(f"non-finite loss ({terms.loss.item()}) at step {step}")
-        terms.loss.backward()
+        with distributed.accumulating(run.trainable, last=i == len(batches) - 1):
+            scaled, loss, kd, ce = run.trainable(run.teacher, targets, batch, normalizer, overrides)
+            if not run.ranks.is_distributed and not torch.isfinite(loss):
+                raise TrainingError(f"non-finite loss ({loss.item()}) at step {step}")
+            scaled.backward()
         student_s += time.perf_counter() - start
-        totals["loss"] += terms.loss.item()
-        totals["kd_loss"] += terms.kd.item()
-        totals["ce_loss"] += terms.ce.item()
+        for j, term in enumerate((loss, kd, ce)):
+            sums[j] += term.item()
+    totals = dict(zip(("loss", "kd_loss", "ce_loss"), run.ranks.sum(sums), strict=True))
+    if not math.isfinite(totals["loss"]):  # every rank sees the same sum, so every rank stops here
+        raise TrainingError(f"non-finite loss ({totals['loss']}) at step {step}")
 
     max_norm = run.spec.training.max_grad_norm
-    params = [p for p in run.student.parameters() if p.requires_grad]
-    grad_norm = float(torch.nn.utils.clip_grad_norm_(params, max_norm if max_norm > 0 else math.inf))
+    params = [p for p in run.trainable.parameters() if p.requires_grad]
+    grad_norm = distributed.clip_gradients(params, max_norm if max_norm > 0 else math.inf)
     if not math.isfinite(grad_norm):
         raise TrainingError(f"non-finite gradient norm ({grad_norm}) at step {step}")
     run.optimizer.step()
@@ -378,7 +417,7 @@ def _train_step(run: _Run, step: int) -> dict[str, float]:
         "lr": lr,
         "grad_norm": grad_norm,
         "step_time_s": step_time_s,
-        "tokens_per_s": sum(int(b["attention_mask"].sum()) for b in batches) / step_time_s,
+        "tokens_per_s": tokens / step_time_s,
         "teacher_time_s": teacher_s,
         "student_time_s": student_s,
         "response_tokens": normalizer,
@@ -405,18 +444,22 @@ def _evaluate(run: _Run, step: int) -> EvalResult:
     )
     overrides = {"t": run.taid.t} if run.taid is not None else {}
     run.eval_pending = True
-    result = evaluate(
-        run.student,
-        run.teacher,
-        run.objective,
-        run.tokenizer,
-        run.eval_examples,
-        settings,
-        num_samples=e.num_samples_logged,
-        seeds=(run.spec.training.seed,),
-        loss_overrides=overrides,
-        should_stop=run.callbacks.should_stop,
-    )
+    # Every rank evaluates the whole set (under FSDP they all take part in every forward pass); rank 0's
+    # metrics are everyone's, so the strategy's θ never differs between ranks.
+    with distributed.whole_student(run.trainable):
+        result = evaluate(
+            run.student,
+            run.teacher,
+            run.objective,
+            run.tokenizer,
+            run.eval_examples,
+            settings,
+            num_samples=e.num_samples_logged,
+            seeds=(run.spec.training.seed,),
+            loss_overrides=overrides,
+            should_stop=_stop_check(run),
+        )
+    result.metrics = run.ranks.broadcast(result.metrics)
     run.eval_pending = False
     if run.strategy.after_eval(result.metrics["eval_loss"]):
         run.callbacks.on_event(
@@ -428,21 +471,35 @@ def _evaluate(run: _Run, step: int) -> EvalResult:
 
 
 def _checkpoint(run: _Run) -> Path:
-    path = save_checkpoint(
-        run.output_dir,
-        run.step,
-        student=run.student,
-        tokenizer=run.tokenizer,
-        spec=run.spec,
-        trainer_state=_trainer_state(run),
-    )
-    sweep_leftovers(run.output_dir)
-    keep = run.spec.training.keep_checkpoints
-    if keep is not None:
-        for skipped in prune_checkpoints(run.output_dir, keep=keep, current=path):
-            run.callbacks.on_checkpoint_set_aside(skipped.step, skipped.path, skipped.problem)
-    run.callbacks.on_checkpoint(run.step, path, dict(run.last_metrics))
-    return path
+    """Checkpoint the current step (collective: under FSDP every rank writes its optimizer shards and
+    sends rank 0 its weights; rank 0 writes the rest). Returns the path on every rank."""
+    optimizer = distributed.optimizer_state(run.trainable, run.optimizer)
+    sharded = None
+    if distributed.is_sharded(run.trainable):
+        # Tensors only into the sharded files; the param groups (numbers) go into trainer_state.json.
+        sharded = layout.checkpoints_dir(run.output_dir) / f".sharded-{layout.checkpoint_name(run.step)}"
+        distributed.save_sharded({"state": optimizer["state"]}, sharded, run.ranks)
+        optimizer = {"param_groups": optimizer["param_groups"]}
+    state = _trainer_state(run, optimizer)
+    student = distributed.full_student(run.trainable, run.student, run.ranks)
+    path = None
+    if run.ranks.is_main:
+        path = save_checkpoint(
+            run.output_dir,
+            run.step,
+            student=student,
+            tokenizer=run.tokenizer,
+            spec=run.spec,
+            trainer_state=state,
+            sharded=sharded,
+        )
+        sweep_leftovers(run.output_dir)
+        keep = run.spec.training.keep_checkpoints
+        if keep is not None:
+            for skipped in prune_checkpoints(run.output_dir, keep=keep, current=path):
+                run.callbacks.on_checkpoint_set_aside(skipped.step, skipped.path, skipped.problem)
+        run.callbacks.on_checkpoint(run.step, path, dict(run.last_metrics))
+    return run.ranks.broadcast(path)
 
 
 def _stopped(run: _Run, last_checkpoint: Path | None) -> TrainResult:
@@ -468,14 +525,40 @@ def train(
     `resume_from` does not verify, and `StorageFullError` when the disk fills up while saving.
 
     A stop (`callbacks.should_stop()`) is honoured between steps, and within an evaluation or a generation
-    at the next batch or token: the run then checkpoints its last complete step and returns `stopped`."""
+    at the next batch or token: the run then checkpoints its last complete step and returns `stopped`.
+
+    Under torchrun (`spec.resources`), every rank calls `train` alike; `callbacks` are only used on rank 0,
+    whose stop decision every rank follows (after each step, not within an evaluation or a generation).
+    Raises `LaunchError` when the launched ranks do not match `spec.resources`."""
     output_dir = Path(output_dir)
-    output_dir.mkdir(parents=True, exist_ok=True)
-    callbacks = callbacks or TrainerCallbacks()
-    if resume_from is not None and (problem := verify_checkpoint(resume_from)) is not None:
+    ranks, torch_device = distributed.Ranks.start(spec.resources, _pick_device(device))
+    try:
+        return _train(spec, output_dir, callbacks or TrainerCallbacks(), resume_from, torch_device, ranks)
+    finally:
+        ranks.close()
+
+
+def _train(
+    spec: JobSpec,
+    output_dir: Path,
+    callbacks: TrainerCallbacks,
+    resume_from: Path | None,
+    device: torch.device,
+    ranks: distributed.Ranks,
+) -> TrainResult:
+    if not ranks.is_main:
+        callbacks = TrainerCallbacks()  # only rank 0 reports
+    problem = None
+    if ranks.is_main:
+        output_dir.mkdir(parents=True, exist_ok=True)
+        if resume_from is not None:
+            problem = verify_checkpoint(resume_from)
+        if problem is None:
+            _set_aside_corrupt(output_dir, resume_from, callbacks)
+    problem = ranks.broadcast(problem)
+    if problem is not None:
         raise CheckpointError(f"cannot resume from {resume_from}: {problem}")
-    _set_aside_corrupt(output_dir, resume_from, callbacks)
-    run = _setup(spec, output_dir, callbacks, resume_from, _pick_device(device))
+    run = _setup(spec, output_dir, callbacks, resume_from, device, ranks)
     t = spec.training
     evaluating = t.eval_every > 0 and bool(run.eval_examples)
     run.eval_pending = run.eval_pending and evaluating
@@ -503,14 +586,18 @@ def train(
                 run.last_metrics |= _evaluate(run, run.step).metrics
             if t.checkpoint_every > 0 and run.step % t.checkpoint_every == 0:
                 last_checkpoint = _checkpoint(run)
-            if run.step < t.max_steps and callbacks.should_stop():
+            if run.step < t.max_steps and ranks.agree(callbacks.should_stop()):
                 return _stopped(run, last_checkpoint)
     except Stopped:
         return _stopped(run, last_checkpoint)
 
-    with storage_errors("the final student"):
-        student_dir = save_student(run.student, run.tokenizer, layout.student_dir(output_dir))
-    callbacks.on_event("done", f"saved the student to {student_dir}")
+    student = distributed.full_student(run.trainable, run.student, ranks)
+    student_dir = layout.student_dir(output_dir)
+    if ranks.is_main:
+        with storage_errors("the final student"):
+            student_dir = save_student(student, run.tokenizer, student_dir)
+        callbacks.on_event("done", f"saved the student to {student_dir}")
+    ranks.barrier()
     return TrainResult(
         run.step, dict(run.last_metrics), student_dir, stopped=False, checkpoint=last_checkpoint
     )

@@ -1,0 +1,167 @@
+"""Several ranks on CPU (gloo), launched by torch.distributed.run as `distill train` and the worker do.
+
+The same global batch on 2 ranks gives the one-rank losses, gradient norms and evaluations (to 1e-5) under
+DDP and FSDP; a stop on 2 ranks checkpoints, and the resume reproduces the uninterrupted run; a rank that
+dies makes the launcher exit non-zero. Run as a script, this file is one rank (see `_rank_main`).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+REPO_ROOT = Path(__file__).resolve().parents[3]
+# Per step: losses and gradient norm. The weights after 4 AdamW steps differ by at most `WEIGHT_ATOL`: the
+# ranks' partial sums round differently (~1e-7), and Adam's m/√v turns that into ~1e-6 of the update.
+COMPARED = ("loss", "kd_loss", "ce_loss", "grad_norm", "lr", "response_tokens")
+WEIGHT_ATOL = 1e-5
+
+
+# ------------------------------------------------------------------------------------ one rank's main
+def _rank_main(argv: list[str]) -> int:
+    """One rank: train the spec, rank 0 writes what its callbacks saw to `--out`/record.json."""
+    sys.path.insert(0, str(REPO_ROOT))
+    import torch
+
+    torch.set_num_threads(1)
+    from core.distill import trainer
+    from core.distill.spec import JobSpec
+    from tests.core.distill._trainer_utils import Recorder
+
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--spec", type=Path, required=True)
+    parser.add_argument("--out", type=Path, required=True)
+    parser.add_argument("--stop-after", type=int, default=None)
+    parser.add_argument("--resume", action="store_true")
+    parser.add_argument("--die-at", type=int, default=None, help="rank 1 kills itself in this step")
+    args = parser.parse_args(argv)
+    if args.die_at is not None and os.environ["RANK"] == "1":
+        step = trainer._train_step
+
+        def dying_step(run: Any, number: int) -> dict[str, float]:
+            if number == args.die_at:
+                os.kill(os.getpid(), signal.SIGKILL)
+            return step(run, number)
+
+        trainer._train_step = dying_step
+    spec = JobSpec.model_validate_json(args.spec.read_text(encoding="utf-8"))
+    recorder = Recorder(stop_after=args.stop_after)
+    resume_from = trainer.latest_checkpoint(args.out) if args.resume else None
+    result = trainer.train(
+        spec, output_dir=args.out, callbacks=recorder, resume_from=resume_from, device="cpu"
+    )
+    if os.environ["RANK"] == "0":
+        record = {
+            "steps": recorder.steps,
+            "evals": [[step, metrics] for step, metrics, _ in recorder.evals],
+            "checkpoints": [step for step, _ in recorder.checkpoints],
+            "started": recorder.started,
+            "result": {"step": result.step, "stopped": result.stopped},
+        }
+        (args.out / "record.json").write_text(json.dumps(record), encoding="utf-8")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(_rank_main(sys.argv[1:]))
+
+
+# ------------------------------------------------------------------------------------------ harness
+from core.distill.spec import JobSpec  # noqa: E402
+from tests.core.distill._trainer_utils import Recorder, tiny_spec, write_subset  # noqa: E402
+
+
+def launch(spec: JobSpec, out: Path, *extra: str, ranks: int = 2) -> subprocess.CompletedProcess[str]:
+    """Run `ranks` ranks of this file under torch.distributed.run, as `distill train` launches them."""
+    out.mkdir(parents=True, exist_ok=True)
+    spec_path = out.parent / f"{out.name}-spec.json"
+    spec_path.write_text(spec.model_dump_json(), encoding="utf-8")
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={ranks}"]
+    command += [__file__, "--spec", str(spec_path), "--out", str(out), *extra]
+    env = {**os.environ, "PYTHONPATH": str(REPO_ROOT), "OMP_NUM_THREADS": "1"}
+    return subprocess.run(command, env=env, capture_output=True, text=True, timeout=300, cwd=REPO_ROOT)
+
+
+def record_of(process: subprocess.CompletedProcess[str], out: Path) -> dict[str, Any]:
+    assert process.returncode == 0, process.stdout[-3000:] + process.stderr[-6000:]
+    record = json.loads((out / "record.json").read_text(encoding="utf-8"))
+    record["steps"] = {int(step): metrics for step, metrics in record["steps"].items()}
+    return record
+
+
+def assert_same_steps(steps: dict[int, dict[str, float]], reference: dict[int, dict[str, float]]) -> None:
+    for step, metrics in steps.items():
+        for key in COMPARED:
+            assert metrics[key] == pytest.approx(reference[step][key], rel=1e-5, abs=1e-7), (step, key)
+
+
+def load_weights(directory: Path) -> dict[str, Any]:
+    from safetensors.torch import load_file
+
+    return {k: v for file in sorted(directory.glob("*.safetensors")) for k, v in load_file(file).items()}
+
+
+@pytest.fixture(scope="module")
+def spec(tmp_path_factory, dolly_train_path, dolly_test_path, tiny_teacher_dir, tiny_student_dir) -> JobSpec:
+    """4 steps of 2 micro-batches of 4 (10 examples: the data order crosses an epoch), an evaluation and a
+    checkpoint at steps 2 and 4."""
+    root = tmp_path_factory.mktemp("distributed-data")
+    train_path = write_subset(dolly_train_path, root / "train.jsonl", 10)
+    eval_path = write_subset(dolly_test_path, root / "eval.jsonl", 3)
+    return tiny_spec(
+        tiny_teacher_dir,
+        tiny_student_dir,
+        train_path,
+        eval_path,
+        training={"max_steps": 4, "batch_size": 4, "grad_accum": 2, "eval_every": 2, "checkpoint_every": 2},
+    )
+
+
+@pytest.fixture(scope="module")
+def one_rank(spec, tmp_path_factory) -> tuple[Recorder, Path]:
+    """The reference: the same spec on one rank, in this process."""
+    from core.distill.trainer import train
+
+    out = tmp_path_factory.mktemp("one-rank")
+    recorder = Recorder()
+    train(spec, output_dir=out, callbacks=recorder, device="cpu")
+    return recorder, out
+
+
+def with_resources(spec: JobSpec, **resources: Any) -> JobSpec:
+    return JobSpec.model_validate(spec.model_dump() | {"resources": resources})
+
+
+# --------------------------------------------------------------------------------------------- tests
+@pytest.mark.parametrize("strategy", ["ddp", "fsdp"])
+def test_two_ranks_give_the_one_rank_run(spec, one_rank, tmp_path, strategy):
+    reference, reference_dir = one_rank
+    out = tmp_path / strategy
+    record = record_of(launch(with_resources(spec, devices=2, strategy=strategy), out), out)
+
+    assert sorted(record["steps"]) == [1, 2, 3, 4]
+    assert_same_steps(record["steps"], reference.steps)
+    assert [step for step, _ in record["evals"]] == [step for step, _, _ in reference.evals] == [0, 2, 4]
+    for (_, metrics), (_, expected, _) in zip(record["evals"], reference.evals, strict=True):
+        for key in ("eval_kd_loss", "eval_ce_loss", "eval_rouge_l"):
+            assert metrics[key] == pytest.approx(expected[key], rel=1e-5, abs=1e-7), key
+    assert record["checkpoints"] == [2, 4]
+    final, expected = load_weights(out / "student"), load_weights(reference_dir / "student")
+    assert final.keys() == expected.keys()
+    for name, tensor in final.items():
+        assert (tensor - expected[name]).abs().max() <= WEIGHT_ATOL, name
+
+    from core.distill.checkpoint import SHARDED_DIR, verify_checkpoint
+
+    checkpoint = out / "checkpoints" / "step-00000004"
+    assert verify_checkpoint(checkpoint) is None
+    shards = sorted(p.name for p in (checkpoint / SHARDED_DIR).glob("*")) if strategy == "fsdp" else []
+    assert shards == ([".metadata", "__0_0.distcp", "__1_0.distcp"] if strategy == "fsdp" else [])
