@@ -6,11 +6,14 @@
     error.json              {"code", "message"}: training failed (exit 3)     trainer → supervisor
     logs/attempt-N.log      the trainer process' output
 
+Exit 4 says the disk (or the quota) is full: not even error.json (or result.json) could be written.
+
 The directory is also the trainer's output directory (`core.distill.layout`: checkpoints/, student/).
 """
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 from pathlib import Path
@@ -27,6 +30,8 @@ LOG_DIR = "logs"
 
 # The trainer process' exit status when it reports a failure in error.json.
 EXIT_TRAINING_FAILED = 3
+# ... and when the disk or the quota is full, so that it could write neither error.json nor result.json.
+EXIT_STORAGE_FULL = 4
 
 
 class JobFiles:
@@ -84,8 +89,17 @@ class JobFiles:
 
 def _write_json(path: Path, value: dict[str, Any]) -> None:
     tmp = path.with_suffix(".tmp")
-    tmp.write_text(json.dumps(value), encoding="utf-8")
-    os.replace(tmp, path)
+    try:
+        tmp.write_text(json.dumps(value), encoding="utf-8")
+        os.replace(tmp, path)
+    except OSError:
+        tmp.unlink(missing_ok=True)  # a torn file on a full disk: give its blocks back
+        raise
+
+
+def is_disk_full(exc: OSError) -> bool:
+    """Whether a failed write of a protocol file means the disk or the quota is full."""
+    return exc.errno in (errno.ENOSPC, errno.EDQUOT)
 
 
 def _read_json(path: Path) -> dict[str, Any] | None:

@@ -14,6 +14,10 @@ How an attempt ends:
   checkpoints the step it stopped at). A cancel that came while pausing wins;
 - the trainer writes `error.json` (bad data, non-finite loss, a model that does not load) → `failed` with
   that code and message. Such errors would recur, so they are never retried;
+- the trainer exits `EXIT_STORAGE_FULL` (the disk or the quota is so full that it could not even write
+  `error.json`) → `failed` with code `storage_full`, as when it could write it, and not retried either: the
+  next attempt would meet the same full disk. Freeing space needs an operator; then the job can be resumed
+  from its last checkpoint;
 - the trainer dies without a word (killed by a signal, e.g. the kernel's OOM killer, or a segfault) → with
   a usable checkpoint on disk and attempts left, the job is re-queued and its next attempt resumes from
   that checkpoint (a crash may be the machine's, not the job's); otherwise `failed` with code
@@ -54,10 +58,15 @@ from core.jobs.states import ACTIVE_STATES, STOPPING_STATES, JobStatus, sources_
 from core.queue import enqueue_job
 from core.storage import Storage
 from worker import process as process_control
-from worker.job_files import JobFiles
+from worker.job_files import EXIT_STORAGE_FULL, JobFiles
 from worker.metrics import observe_job_end
 
 log = logging.getLogger(__name__)
+
+STORAGE_FULL_MESSAGE = (
+    "the server's storage is full (disk or quota): the trainer could not even write its error report. "
+    "Not retried; once space is freed the job can be resumed from its last checkpoint, if it has one"
+)
 
 Outcome = Literal["not_claimed", "succeeded", "failed", "cancelled", "paused", "requeued", "lost"]
 
@@ -283,6 +292,8 @@ def _record_end(attempt: _Attempt, settings: Settings, returncode: int, log_path
         code = str(error.get("code") or "training_error")
         message = str(error.get("message") or "the trainer failed")
         return _finish_failed(attempt, settings, code, message)
+    if returncode == EXIT_STORAGE_FULL:
+        return _finish_failed(attempt, settings, "storage_full", STORAGE_FULL_MESSAGE, log_path)
     if returncode == 0:
         return _finish_failed(
             attempt, settings, "training_error", "the trainer stopped early without a stop request"

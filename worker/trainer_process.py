@@ -2,12 +2,14 @@
 
 Started by `worker.supervisor` in its own process; reports progress to the database through
 `worker.progress.DatabaseCallbacks`, resumes from the job's last checkpoint, and leaves `result.json`
-(exit 0) or `error.json` with a code and a message (exit 3) in the job directory (`worker.job_files`).
+(exit 0) or `error.json` with a code and a message (exit 3) in the job directory (`worker.job_files`); when
+the disk or the quota is full, so that neither can be written, it exits 4 (the supervisor's storage_full).
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import sys
 import traceback
@@ -22,7 +24,7 @@ from core.distill.model_checks import ModelReferenceError, TokenizerMismatchErro
 from core.distill.spec import JobSpec
 from core.jobs.models import Job
 from core.storage import Storage, open_storage
-from worker.job_files import EXIT_TRAINING_FAILED, JobFiles
+from worker.job_files import EXIT_STORAGE_FULL, EXIT_TRAINING_FAILED, JobFiles, is_disk_full
 from worker.progress import DatabaseCallbacks
 from worker.student_card import write_job_student_card
 
@@ -129,7 +131,8 @@ def main(argv: list[str] | None = None) -> int:
             storage.push(storage.relative(result.student_dir))  # before the job can succeed
         callbacks.flush()
     except Exception as exc:
-        traceback.print_exc()
+        with contextlib.suppress(OSError):  # the log lies on the job's disk, maybe the full one
+            traceback.print_exc()
         code = error_code(exc, started=callbacks.started)
         message = str(exc).strip() or type(exc).__name__
         try:
@@ -137,13 +140,24 @@ def main(argv: list[str] | None = None) -> int:
         except Exception:
             file_ids = {}
         message = public_message(message, spec=spec, file_ids=file_ids, storage=storage)
-        files.write_error(code=code, message=message)
+        status = EXIT_TRAINING_FAILED
+        try:
+            files.write_error(code=code, message=message)
+        except OSError as write_failed:
+            if not is_disk_full(write_failed):
+                raise
+            status = EXIT_STORAGE_FULL  # the supervisor reports storage_full without error.json
         try:
             callbacks.flush()
         except Exception:
             traceback.print_exc()
-        return EXIT_TRAINING_FAILED
-    files.write_result(step=result.step, stopped=result.stopped)
+        return status
+    try:
+        files.write_result(step=result.step, stopped=result.stopped)
+    except OSError as write_failed:
+        if not is_disk_full(write_failed):
+            raise
+        return EXIT_STORAGE_FULL
     return 0
 
 

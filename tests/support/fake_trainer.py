@@ -3,7 +3,8 @@ protocol (`worker.job_files`: STOP, result.json, error.json) without loading tor
 
     python fake_trainer.py MODE JOB_ID --spec PATH --worker-id ID
 
-MODE: succeed | error | crash | obey_stop | ignore_stop. The job directory is the folder of the spec file.
+MODE: succeed | error | storage_full | crash | obey_stop | ignore_stop. The job directory is the folder of
+the spec file. `storage_full` is the trainer that failed on a disk so full it could not write error.json.
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ import time
 from pathlib import Path
 
 from core.distill.layout import student_dir
-from worker.job_files import EXIT_TRAINING_FAILED, JobFiles
+from worker.job_files import EXIT_STORAGE_FULL, EXIT_TRAINING_FAILED, JobFiles
 
 
 def main() -> int:
@@ -34,6 +35,9 @@ def main() -> int:
     if mode == "error":
         files.write_error(code="invalid_data", message="line 3: bad")
         return EXIT_TRAINING_FAILED
+    if mode == "storage_full":
+        print("OSError: [Errno 28] No space left on device", file=sys.stderr)
+        return EXIT_STORAGE_FULL
     if mode == "crash":
         os.kill(os.getpid(), signal.SIGKILL)
     if mode == "obey_stop":

@@ -140,6 +140,24 @@ def test_training_error_fails_the_job_with_the_childs_code(settings: Settings, j
     )
 
 
+def test_a_disk_too_full_for_the_error_report_fails_the_job_as_storage_full(
+    settings: Settings, job_id: str, tiny_student_dir: Path, sent: list[str]
+) -> None:
+    """Not `trainer_crashed`, and not retried even with a checkpoint and attempts left: the next attempt
+    would meet the same full disk."""
+    save_a_checkpoint(settings, job_id, tiny_student_dir)
+    assert supervisor.run_job(job_id, settings, "w1", child_command=fake("storage_full")) == "failed"
+    job = load(settings, job_id)
+    assert (job.status, job.attempts, job.error_code) == (JobStatus.FAILED, 1, "storage_full")
+    assert job.error_message == supervisor.STORAGE_FULL_MESSAGE and "storage is full" in job.error_message
+    assert sent == []
+    with session_scope(settings.database_url) as session:  # the trainer's last words, for the operator
+        [tail] = session.scalars(
+            select(JobEvent.data).where(JobEvent.job_id == job_id, JobEvent.kind == "log")
+        )
+    assert "No space left on device" in tail["tail"]
+
+
 def test_a_crashed_trainer_fails_the_job_and_not_the_worker(settings: Settings, job_id: str) -> None:
     assert supervisor.run_job(job_id, settings, "w1", child_command=fake("crash")) == "failed"
     job = load(settings, job_id)

@@ -4,7 +4,10 @@ the end-to-end tests.)"""
 
 from __future__ import annotations
 
+import errno
 from pathlib import Path
+from types import SimpleNamespace
+from typing import Any
 
 import pytest
 from sqlalchemy import func, select, update
@@ -16,8 +19,8 @@ from core.distill.model_checks import ModelReferenceError, TokenizerMismatchErro
 from core.jobs.models import Checkpoint, Job, JobEvent, Metric
 from core.jobs.states import JobStatus
 from core.storage import Storage
-from tests.support.services import make_settings, seed_job, sqlite_database, tiny_spec
-from worker import job_files, supervisor
+from tests.support.services import make_settings, seed_job, settings_env, sqlite_database, tiny_spec
+from worker import job_files, supervisor, trainer_process
 from worker.progress import DatabaseCallbacks
 from worker.trainer_process import error_code
 
@@ -173,3 +176,83 @@ def test_a_model_that_does_not_load_fails_with_model_load_failed(
 def _log(settings: Settings, job_id: str) -> str:
     logs = Storage(settings.artifacts).job_dir(job_id) / job_files.LOG_DIR
     return "\n".join(p.read_text()[-3000:] for p in sorted(logs.glob("*.log")))
+
+
+# ------------------------------------------------------------------------ a disk too full to report on
+@pytest.fixture
+def trainer_main(settings: Settings, job_id: str, monkeypatch: pytest.MonkeyPatch) -> Any:
+    """`trainer_process.main` run here, as the supervisor would start it, with `train` replaced."""
+    from core.distill.spec import JobSpec
+
+    for key, value in settings_env(settings).items():
+        monkeypatch.setenv(key, value)
+    monkeypatch.setenv("DISTILL_TRAINER_THREADS", "0")  # leave this test process' torch threads alone
+    spec_path = job_files.JobFiles(Storage(settings.artifacts).job_dir(job_id)).prepare_attempt(
+        JobSpec.model_validate(load(settings, job_id).spec)
+    )
+    return lambda: trainer_process.main([job_id, "--spec", str(spec_path), "--worker-id", "w1"])
+
+
+def fill_the_disk(monkeypatch: pytest.MonkeyPatch, code: int) -> None:
+    """Writes of the job directory's protocol files fail with `code` half-way (a torn temporary file)."""
+    write_text = Path.write_text
+
+    def failing(path: Path, data: str, *args: Any, **kwargs: Any) -> int:
+        if path.suffix != ".tmp":
+            return write_text(path, data, *args, **kwargs)
+        write_text(path, data[: len(data) // 2], *args, **kwargs)
+        raise OSError(code, errno.errorcode[code])
+
+    monkeypatch.setattr(Path, "write_text", failing)
+
+
+def failing_training(*args: Any, **kwargs: Any) -> None:
+    raise DataError("line 3: bad")
+
+
+@pytest.mark.parametrize("code", [errno.ENOSPC, errno.EDQUOT], ids=["enospc", "edquot"])
+def test_an_error_report_the_full_disk_refuses_exits_storage_full(
+    settings: Settings, job_id: str, trainer_main: Any, monkeypatch: pytest.MonkeyPatch, code: int
+) -> None:
+    import core.distill.trainer
+
+    monkeypatch.setattr(core.distill.trainer, "train", failing_training)
+    fill_the_disk(monkeypatch, code)
+    assert trainer_main() == job_files.EXIT_STORAGE_FULL
+    job_dir = Storage(settings.artifacts).job_dir(job_id)
+    assert not (job_dir / job_files.ERROR_FILE).exists()
+    assert not list(job_dir.glob("*.tmp"))  # the torn file's blocks given back
+
+
+def test_a_result_the_full_disk_refuses_exits_storage_full(
+    settings: Settings, job_id: str, trainer_main: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import core.distill.trainer
+
+    result = SimpleNamespace(step=6, stopped=False, student_dir=None, metrics={}, checkpoint=None)
+    monkeypatch.setattr(core.distill.trainer, "train", lambda *args, **kwargs: result)
+    fill_the_disk(monkeypatch, errno.ENOSPC)
+    assert trainer_main() == job_files.EXIT_STORAGE_FULL
+    assert not (Storage(settings.artifacts).job_dir(job_id) / job_files.RESULT_FILE).exists()
+
+
+def test_other_write_errors_are_not_storage_full(
+    settings: Settings, trainer_main: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import core.distill.trainer
+
+    monkeypatch.setattr(core.distill.trainer, "train", failing_training)
+    fill_the_disk(monkeypatch, errno.EACCES)
+    with pytest.raises(PermissionError):  # the process dies with it: the supervisor's trainer_crashed
+        trainer_main()
+
+
+def test_an_error_report_that_could_be_written_still_exits_3(
+    settings: Settings, job_id: str, trainer_main: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import core.distill.trainer
+
+    monkeypatch.setattr(core.distill.trainer, "train", failing_training)
+    assert trainer_main() == job_files.EXIT_TRAINING_FAILED
+    error = job_files.JobFiles(Storage(settings.artifacts).job_dir(job_id)).read_error()
+    assert error == {"code": "invalid_data", "message": "line 3: bad"}
