@@ -29,10 +29,9 @@ class SweepCreate(BaseModel):
     spec: JobSpec = Field(description="The base job spec every child starts from.")
     grid: dict[GridPath, Annotated[list[Any], Field(max_length=MAX_CHILDREN)]] = Field(
         max_length=16,
-        description="Dotted spec paths (`loss.alpha`, `training.learning_rate`) to the values tried; the "
-        "children are the cartesian product (at most 64). A section path (`loss`) takes objects, each merged "
-        "into the base spec's section.",
-        examples=[{"loss.alpha": [-1, 0.5], "loss.lam": [0.1, 0.3]}],
+        description="Dotted spec paths (`loss.alpha`, `training.learning_rate`) to the values tried, e.g. "
+        '`{"loss.alpha": [-1, 0.5], "loss.lam": [0.1, 0.3]}`; the children are the cartesian product (at '
+        "most 64). A section path (`loss`) takes objects, each merged into the base spec's section.",
     )
     metric: str = Field(
         default="eval_kd_loss",
@@ -65,7 +64,9 @@ class SweepBest(BaseModel):
 
 class SweepOut(BaseModel):
     id: str
-    status: Literal["running", "cancelling", "succeeded", "failed", "cancelled"]
+    status: Literal["running", "cancelling", "paused", "succeeded", "failed", "cancelled"] = Field(
+        description="running while a child is queued or active; paused when only paused children remain."
+    )
     metric: str
     mode: Literal["min", "max"]
     max_parallel: int | None

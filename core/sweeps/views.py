@@ -13,12 +13,16 @@ from core.jobs.views import json_safe
 
 
 def sweep_status(sweep: Sweep, children: Sequence[Job]) -> str:
-    """`running` while any child has not ended (`cancelling` once the sweep was cancelled); then
-    `cancelled` if the sweep was cancelled, `succeeded` if any child succeeded, else `failed` when any
-    child failed and `cancelled` when the children were all cancelled one by one."""
+    """`running` while any child is queued or active (`cancelling` once the sweep was cancelled), `paused`
+    when the only children that have not ended are paused; once all ended: `cancelled` if the sweep was
+    cancelled, `succeeded` if any child succeeded, else `failed` when any child failed and `cancelled` when
+    the children were all cancelled one by one."""
     statuses = {job.status for job in children}
-    if any(not status.is_terminal for status in statuses):
-        return "cancelling" if sweep.cancelled_at is not None else "running"
+    open_statuses = {status for status in statuses if not status.is_terminal}
+    if open_statuses:
+        if sweep.cancelled_at is not None:
+            return "cancelling"
+        return "paused" if open_statuses == {JobStatus.PAUSED} else "running"
     if sweep.cancelled_at is not None:
         return "cancelled"
     if JobStatus.SUCCEEDED in statuses:

@@ -375,3 +375,22 @@ def test_a_cancelled_sweep_releases_no_held_child(
             assert session.get(Job, held).enqueued_at is None
             kinds = session.scalars(select(JobEvent.kind).where(JobEvent.job_id == held)).all()
         assert "queue" not in kinds
+
+
+def test_a_sweep_whose_open_children_are_paused_is_paused(
+    live_api: LiveApi, acme: dict[str, str], tiny_teacher_dir: Path
+) -> None:
+    with live_api.client(acme["key"]) as client:
+        sweep = client.post(
+            "/v1/sweeps", json=_body(tiny_teacher_dir, acme["train"], {"loss.alpha": [-1.0, 0.0]})
+        ).json()
+        paused, ended = (child["id"] for child in sweep["jobs"])
+        assert client.post(f"/v1/jobs/{paused}/pause").json()["status"] == "paused"
+        assert client.get(f"/v1/sweeps/{sweep['id']}").json()["status"] == "running"  # one still queued
+        assert client.post(f"/v1/jobs/{ended}/cancel").json()["status"] == "cancelled"
+        got = client.get(f"/v1/sweeps/{sweep['id']}").json()
+        assert got["status"] == "paused" and got["counts"]["paused"] == 1
+        # Cancelling the sweep cancels the paused child too.
+        cancelled = client.post(f"/v1/sweeps/{sweep['id']}/cancel").json()
+        assert cancelled["status"] == "cancelled"
+        assert [child["status"] for child in cancelled["jobs"]] == ["cancelled", "cancelled"]
