@@ -329,23 +329,36 @@ def load_optimizer_state(
 # read, so it is unpickled with only the classes DCP's metadata is made of; the shard files themselves are
 # read by DCP with `torch.load(weights_only=True)`. Non-tensor entries (which DCP would unpickle freely)
 # are never stored there: `save_sharded` gets tensors only, and the reader refuses any.
-_METADATA_MODULES = ("torch.distributed.checkpoint.metadata", "torch.distributed.checkpoint.filesystem")
+_METADATA = "torch.distributed.checkpoint.metadata"
 _ALLOWED = {
+    *(
+        (_METADATA, name)
+        for name in (
+            "Metadata",
+            "TensorStorageMetadata",
+            "BytesStorageMetadata",
+            "TensorProperties",
+            "ChunkStorageMetadata",
+            "MetadataIndex",
+            "StorageMeta",
+            "_MEM_FORMAT_ENCODING",
+        )
+    ),
+    ("torch.distributed.checkpoint.filesystem", "_StorageInfo"),
+    ("torch.serialization", "_get_layout"),  # a layout by its name
     ("torch", "Size"),
-    ("torch._utils", "_rebuild_tensor_v2"),
+    ("pathlib", "PosixPath"),
+    ("pathlib", "PurePosixPath"),
     ("collections", "OrderedDict"),
-    ("builtins", "set"),
-    ("builtins", "frozenset"),
 }
 
 
 class _MetadataUnpickler(pickle.Unpickler):
     def find_class(self, module: str, name: str) -> Any:
-        if module in _METADATA_MODULES or (module, name) in _ALLOWED:
+        # Exact names only: a dotted name could reach any attribute of an allowed class.
+        if (module, name) in _ALLOWED:
             return super().find_class(module, name)
-        if module == "torch" and isinstance(
-            getattr(torch, name, None), (torch.dtype, torch.layout, torch.memory_format)
-        ):
+        if module == "torch" and isinstance(getattr(torch, name, None), (torch.dtype, torch.memory_format)):
             return getattr(torch, name)
         raise pickle.UnpicklingError(f"{module}.{name} is not allowed in a checkpoint's sharded metadata")
 

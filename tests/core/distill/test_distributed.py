@@ -165,3 +165,60 @@ def test_two_ranks_give_the_one_rank_run(spec, one_rank, tmp_path, strategy):
     assert verify_checkpoint(checkpoint) is None
     shards = sorted(p.name for p in (checkpoint / SHARDED_DIR).glob("*")) if strategy == "fsdp" else []
     assert shards == ([".metadata", "__0_0.distcp", "__1_0.distcp"] if strategy == "fsdp" else [])
+
+
+@pytest.mark.parametrize("strategy", ["ddp", pytest.param("fsdp", marks=pytest.mark.slow)])
+def test_a_stop_on_two_ranks_resumes_into_the_uninterrupted_run(spec, one_rank, tmp_path, strategy):
+    """Rank 0 asks to stop after step 1: every rank stops, a checkpoint of step 1 is written (under FSDP
+    with every rank's optimizer shards), and 2 ranks resuming from it run steps 2..4 of the one-rank run."""
+    reference, _ = one_rank
+    two = with_resources(spec, devices=2, strategy=strategy)
+    out = tmp_path / "run"
+    stopped = record_of(launch(two, out, "--stop-after", "1"), out)
+    assert stopped["result"] == {"step": 1, "stopped": True}
+    assert stopped["checkpoints"] == [1]
+
+    resumed = record_of(launch(two, out, "--resume"), out)
+    assert resumed["started"] == [[4, 1]]
+    assert sorted(resumed["steps"]) == [2, 3, 4]
+    assert_same_steps(resumed["steps"], reference.steps)
+    assert [step for step, _ in resumed["evals"]] == [2, 4]
+    assert resumed["result"] == {"step": 4, "stopped": False}
+
+
+def test_a_rank_that_dies_fails_the_launch(spec, tmp_path):
+    """Rank 1 is killed in step 2 while rank 0 waits for it: the launcher ends rank 0 and exits non-zero
+    (what the worker's supervisor sees as a crashed attempt), instead of hanging."""
+    out = tmp_path / "run"
+    process = launch(with_resources(spec, devices=2), out, "--die-at", "2")
+    assert process.returncode != 0
+    assert "SIGKILL" in process.stderr or "Signal 9" in process.stderr, process.stderr[-3000:]
+    assert not (out / "record.json").exists()
+
+
+@pytest.mark.filterwarnings("ignore:torch.distributed is disabled")
+def test_sharded_metadata_is_read_without_running_code(tmp_path):
+    """The DCP metadata pickle is read with DCP's classes only; a pickle that names any other callable
+    (here os.system) is refused before it runs."""
+    import pickle
+
+    import torch
+    import torch.distributed.checkpoint as dcp
+
+    from core.distill.distributed import SafeFileSystemReader
+
+    state = {"state": {"w": {"exp_avg": torch.arange(6.0).reshape(2, 3), "step": torch.tensor(3.0)}}}
+    dcp.save(state, storage_writer=dcp.FileSystemWriter(tmp_path / "shards"), no_dist=True)
+    loaded = {"state": {"w": {"exp_avg": torch.zeros(2, 3), "step": torch.tensor(0.0)}}}
+    dcp.load(loaded, storage_reader=SafeFileSystemReader(tmp_path / "shards"), no_dist=True)
+    assert torch.equal(loaded["state"]["w"]["exp_avg"], state["state"]["w"]["exp_avg"])
+    assert float(loaded["state"]["w"]["step"]) == 3.0
+
+    class Exploit:
+        def __reduce__(self):
+            return (os.system, (f"touch {tmp_path / 'pwned'}",))
+
+    (tmp_path / "shards" / ".metadata").write_bytes(pickle.dumps(Exploit()))
+    with pytest.raises(pickle.UnpicklingError, match="posix.system is not allowed"):
+        SafeFileSystemReader(tmp_path / "shards").read_metadata()
+    assert not (tmp_path / "pwned").exists()
