@@ -135,6 +135,11 @@ class Settings(BaseSettings):
         le=19,
         description="Niceness of training (workers and their trainers): the API beside it stays fast; 0 = off.",
     )
+    # MLflow (worker/tracking.py): the one tracking server jobs asking for `tracking.mlflow` report to.
+    mlflow_tracking_uri: str = Field(
+        default="",
+        description="MLflow tracking server (http://host:5000); empty = jobs cannot ask for MLflow tracking.",
+    )
 
     @field_validator("model_roots", mode="before")
     @classmethod

@@ -1,7 +1,8 @@
 """`python -m worker.trainer_process JOB_ID --spec PATH --worker-id ID`: one training attempt of a job.
 
 Started by `worker.supervisor` in its own process; reports progress to the database through
-`worker.progress.DatabaseCallbacks`, resumes from the job's last checkpoint, and leaves `result.json`
+`worker.progress.DatabaseCallbacks` (and to MLflow through `worker.tracking` when the job asks for it),
+resumes from the job's last checkpoint, and leaves `result.json`
 (exit 0) or `error.json` with a code and a message (exit 3) in the job directory (`worker.job_files`); when
 the disk or the quota is full, so that neither can be written, it exits 4 (the supervisor's storage_full).
 """
@@ -27,6 +28,7 @@ from core.storage import Storage, open_storage
 from worker.job_files import EXIT_STORAGE_FULL, EXIT_TRAINING_FAILED, JobFiles, is_disk_full
 from worker.progress import DatabaseCallbacks
 from worker.student_card import write_job_student_card
+from worker.tracking import EVENT_KIND, Fanout, open_tracker
 
 
 # ---------------------------------------------------------------------------------------- error codes
@@ -101,6 +103,14 @@ def main(argv: list[str] | None = None) -> int:
         worker_id=args.worker_id,
         checkpoint_every=spec.training.checkpoint_every,
     )
+    tracker = open_tracker(
+        settings=settings,
+        spec=spec,
+        job_id=args.job_id,
+        job_dir=output_dir,
+        report=lambda message, data: callbacks.flush(event=(EVENT_KIND, message, data)),
+    )
+    trainer_callbacks = callbacks if tracker is None else Fanout(callbacks, tracker)
     try:
         from core.distill.layout import checkpoint_step, checkpoints_dir
         from core.distill.trainer import latest_checkpoint, train
@@ -117,7 +127,11 @@ def main(argv: list[str] | None = None) -> int:
         if resume_from is not None:
             callbacks.on_resume(checkpoint_step(resume_from), resume_from)
         result = train(
-            spec, output_dir=output_dir, callbacks=callbacks, resume_from=resume_from, device=args.device
+            spec,
+            output_dir=output_dir,
+            callbacks=trainer_callbacks,
+            resume_from=resume_from,
+            device=args.device,
         )
         if result.student_dir is not None:
             write_job_student_card(
@@ -129,6 +143,8 @@ def main(argv: list[str] | None = None) -> int:
                 metrics=result.metrics,
             )
             storage.push(storage.relative(result.student_dir))  # before the job can succeed
+        if tracker is not None:
+            tracker.finish(student_dir=result.student_dir)  # MLflow errors become an event, never raise
         callbacks.flush()
     except Exception as exc:
         with contextlib.suppress(OSError):  # the log lies on the job's disk, maybe the full one
@@ -148,6 +164,8 @@ def main(argv: list[str] | None = None) -> int:
                 raise
             status = EXIT_STORAGE_FULL  # the supervisor reports storage_full without error.json
         try:
+            if tracker is not None:
+                tracker.fail()
             callbacks.flush()
         except Exception:
             traceback.print_exc()

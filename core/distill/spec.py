@@ -246,6 +246,47 @@ class ResourcesSpec(_Spec):
         return self
 
 
+def _tracking_name(value: str) -> str:
+    _plain_text(value)
+    if not value.strip():
+        raise ValueError("must not be blank")
+    return value
+
+
+def _model_name(value: str) -> str:
+    _tracking_name(value)
+    # MLflow's own rule for registered model names: no '/' or ':', and not a relative path part.
+    if "/" in value or ":" in value:
+        raise ValueError("must not hold '/' or ':'")
+    if value == "." or value.startswith(".."):
+        raise ValueError("must not be '.' or start with '..'")
+    return value
+
+
+# MLflow stores experiment and registered model names in 256 characters, run names in 250.
+TrackingName = Annotated[str, Field(min_length=1, max_length=256), AfterValidator(_tracking_name)]
+RunName = Annotated[str, Field(min_length=1, max_length=250), AfterValidator(_tracking_name)]
+ModelName = Annotated[str, Field(min_length=1, max_length=256), AfterValidator(_model_name)]
+
+
+class MlflowSpec(_Spec):
+    """Log the job to MLflow: params, tags and metrics into one run, and the student as a `transformers`
+    model. The tracking server is the service's (DISTILL_MLFLOW_TRACKING_URI), never one the spec names:
+    a job must not make workers call arbitrary URLs."""
+
+    experiment: TrackingName = Field(default="distillery", description="Experiment name (created if new).")
+    run_name: RunName | None = Field(default=None, description="Run name; default MLflow's generated one.")
+    register_as: ModelName | None = Field(
+        default=None, description="Register the student as a new version of this registered model."
+    )
+
+
+class TrackingSpec(_Spec):
+    """Experiment trackers the job reports to (the service only; `distill train` ignores it)."""
+
+    mlflow: MlflowSpec | None = None
+
+
 class JobSpec(_Spec):
     teacher: TeacherSpec
     student: StudentSpec
@@ -255,6 +296,7 @@ class JobSpec(_Spec):
     strategy: StrategySpec = Field(default_factory=StrategySpec)
     training: TrainingSpec = Field(default_factory=TrainingSpec)
     evaluation: EvaluationSpec = Field(default_factory=EvaluationSpec)
+    tracking: TrackingSpec | None = Field(default=None, description="Experiment tracking (MLflow).")
     resources: ResourcesSpec = Field(default_factory=ResourcesSpec)
 
     @model_validator(mode="after")
