@@ -169,10 +169,10 @@ def byte_range(header: str, size: int) -> tuple[int, int] | Literal["unsatisfiab
             return "unsatisfiable"
         return (max(size - count, 0), size - 1) if size else "unsatisfiable"
     start, end = int(first), int(last) if last else size - 1
-    if end < start:
-        return None
     if start >= size:
         return "unsatisfiable"
+    if end < start:
+        return None
     return start, min(end, size - 1)
 
 

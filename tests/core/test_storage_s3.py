@@ -129,7 +129,9 @@ def test_push_and_pull_sync_a_tree_and_skip_what_is_unchanged(
 
     uploads: list[str] = []
     real_upload = storage._upload
-    monkeypatch.setattr(storage, "_upload", lambda path, name: (uploads.append(name), real_upload(path, name)))
+    monkeypatch.setattr(
+        storage, "_upload", lambda path, name: (uploads.append(name), real_upload(path, name))
+    )
     storage.push(key)
     assert uploads == []  # nothing changed
     (step / "config.json").write_text('{"a": 22}')
@@ -173,7 +175,9 @@ def test_a_stored_directory_is_archived_once_and_served_from_the_bucket(
         path.unlink()
     student.rmdir()  # the API has no copy: it archives from the bucket
 
-    archive = directory_archive(storage, "jobs/job_2/student", "jobs/job_2/archives/student.tar.gz", "student")
+    archive = directory_archive(
+        storage, "jobs/job_2/student", "jobs/job_2/archives/student.tar.gz", "student"
+    )
     body = b"".join(storage.open_range(archive.key))
     assert len(body) == archive.size_bytes == storage.size(archive.key)
     assert hashlib.sha256(body).hexdigest() == archive.sha256

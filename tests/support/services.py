@@ -282,8 +282,9 @@ class Stack:
         self.others: list[ServiceProcess] = []
         self.client = ApiClient(f"http://127.0.0.1:{self.port}", key)
 
-    def start_worker(self) -> ServiceProcess:
-        worker = start_service("worker", distill_command("worker"), self.env, self.log_dir)
+    def start_worker(self, *args: str, **env: str) -> ServiceProcess:
+        """A `distill worker` with extra arguments (`--name`) and environment (DISTILL_WORKER_QUEUES=...)."""
+        worker = start_service("worker", distill_command("worker", *args), self.env | env, self.log_dir)
         self.workers.append(worker)
         return worker
 
