@@ -1,6 +1,7 @@
 """`distill train`, `distill eval` and `distill tiny-model`: the engine on this machine, without the service.
 
     distill train CONFIG.yaml [--output-dir runs/NAME] [--resume] [--device cpu]
+        (a spec with resources.devices > 1 re-runs this command in that many ranks under torch.distributed.run)
     distill eval --model DIR --data data/dolly/test.jsonl [--max-records N] [--do-sample --seeds 1 2 3]
 
 Heavy imports (torch, transformers) happen inside the handlers so that `distill --help` and the service's
@@ -11,6 +12,8 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
+import subprocess
 import sys
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, TextIO
@@ -129,6 +132,22 @@ class LocalCallbacks(TrainerCallbacks):
         self._metrics.close()
 
 
+def _launch_ranks(args: argparse.Namespace, spec: JobSpec, output_dir: Path) -> int:
+    """Run this same command in `spec.resources.devices` ranks under torch.distributed.run (one machine:
+    standalone; several: the c10d rendezvous at `rdzv_endpoint`, this command run on each machine)."""
+    resources = spec.resources
+    command = [sys.executable, "-m", "torch.distributed.run", f"--nproc-per-node={resources.devices}"]
+    if resources.nnodes == 1:
+        command.append("--standalone")
+    else:
+        command += [f"--nnodes={resources.nnodes}", "--rdzv-backend=c10d"]
+        command += [f"--rdzv-endpoint={resources.rdzv_endpoint}", f"--rdzv-id=distill-{args.config.stem}"]
+    command += ["-m", "cli.main", "train", str(args.config), "--output-dir", str(output_dir)]
+    command += ["--resume"] if args.resume else []
+    command += ["--device", args.device] if args.device else []
+    return subprocess.run(command, check=False).returncode
+
+
 def run_train(args: argparse.Namespace) -> int:
     """Handler of `distill train`."""
     import yaml
@@ -150,16 +169,23 @@ def run_train(args: argparse.Namespace) -> int:
     from core.distill.trainer import TrainingError, latest_checkpoint, train
 
     output_dir = args.output_dir or Path("runs") / args.config.stem
+    # Set in the ranks torchrun started: the launching command has checked and said everything already.
+    rank = os.environ.get("RANK")
     resume_from = latest_checkpoint(output_dir) if args.resume else None
-    if args.resume and resume_from is None:
+    if args.resume and resume_from is None and rank is None:
         print(f"{output_dir}: no checkpoint to resume from; starting from scratch", file=sys.stderr)
     elif not args.resume and latest_checkpoint(output_dir) is not None:
         print(
             f"{output_dir} already holds checkpoints: pass --resume or another --output-dir", file=sys.stderr
         )
         return EXIT_USAGE
+    if spec.resources.world_size > 1 and rank is None:
+        return _launch_ranks(args, spec, output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
-    callbacks = LocalCallbacks(output_dir / "metrics.jsonl", append=resume_from is not None)
+    # Only rank 0 writes metrics.jsonl (and the student, and the card); the other ranks just train.
+    callbacks: Any = TrainerCallbacks()
+    if rank in (None, "0"):
+        callbacks = LocalCallbacks(output_dir / "metrics.jsonl", append=resume_from is not None)
     try:
         result = train(
             spec, output_dir=output_dir, callbacks=callbacks, resume_from=resume_from, device=args.device
@@ -168,7 +194,10 @@ def run_train(args: argparse.Namespace) -> int:
         print(f"error: {exc}", file=sys.stderr)
         return EXIT_ERROR
     finally:
-        callbacks.close()
+        if isinstance(callbacks, LocalCallbacks):
+            callbacks.close()
+    if rank not in (None, "0"):
+        return 0
     _write_card(spec, result)
     summary = {
         k: round(v, 4) for k, v in result.metrics.items() if k in ("loss", "eval_rouge_l", "eval_kd_loss")

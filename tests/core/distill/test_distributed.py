@@ -222,3 +222,25 @@ def test_sharded_metadata_is_read_without_running_code(tmp_path):
     with pytest.raises(pickle.UnpicklingError, match="posix.system is not allowed"):
         SafeFileSystemReader(tmp_path / "shards").read_metadata()
     assert not (tmp_path / "pwned").exists()
+
+
+def test_distill_train_launches_the_ranks_and_writes_the_one_rank_metrics(spec, one_rank, tmp_path):
+    """`distill train` with resources.devices: 2 runs itself in 2 ranks under torch.distributed.run; its
+    metrics.jsonl (rank 0's alone) holds the one-rank run's steps and evaluations."""
+    reference, _ = one_rank
+    config = tmp_path / "two.yaml"
+    config.write_text(with_resources(spec, devices=2).model_dump_json(), encoding="utf-8")  # JSON is YAML
+    out = tmp_path / "run"
+    command = [sys.executable, "-m", "cli.main", "train", str(config), "--output-dir", str(out)]
+    env = {**os.environ, "PYTHONPATH": str(REPO_ROOT), "OMP_NUM_THREADS": "1"}
+    process = subprocess.run(
+        [*command, "--device", "cpu"], env=env, capture_output=True, text=True, timeout=300, cwd=tmp_path
+    )
+    assert process.returncode == 0, process.stderr[-6000:]
+    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text(encoding="utf-8").splitlines()]
+    steps = {r["step"]: r for r in records if r["kind"] == "step"}
+    assert sorted(steps) == [1, 2, 3, 4]  # once each: no other rank wrote to the file
+    assert_same_steps(steps, reference.steps)
+    assert [r["step"] for r in records if r["kind"] == "eval"] == [0, 2, 4]
+    assert (out / "student" / "config.json").is_file()
+    assert "done at step 4" in process.stdout
