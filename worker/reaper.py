@@ -2,10 +2,10 @@
 
 - Stale jobs: a running job whose worker stopped sending heartbeats (kill -9, a lost machine) is
   re-queued (its next attempt resumes from the last checkpoint) or, after `max_attempts`, failed; a
-  cancelling one is cancelled. Every change is a conditional UPDATE that re-checks the heartbeat is still
-  stale, so a worker that comes back in the meantime keeps its job, and two reapers never act twice on
-  one job. `reap_worker` applies the same rules at once to the jobs of a worker known to be gone
-  (`distill serve` saw it die).
+  cancelling one is cancelled, a pausing one paused. Every change is a conditional UPDATE that re-checks
+  the heartbeat is still stale, so a worker that comes back in the meantime keeps its job, and two reapers
+  never act twice on one job. `reap_worker` applies the same rules at once to the jobs of a worker known
+  to be gone (`distill serve` saw it die).
 - Lost messages: a job `queued` for longer than `requeue_after_s` whose message the broker no longer holds
   (Redis restarted without persistence, a delivery acked by a worker that could not reach the database)
   is sent again. Which messages are gone cannot be told, only how many wait: when the queue holds fewer
@@ -51,17 +51,19 @@ class ReapCounts:
     requeued: int = 0
     failed: int = 0
     cancelled: int = 0
+    paused: int = 0
     resent: int = 0
     released: int = 0
 
     @property
     def total(self) -> int:
-        return self.requeued + self.failed + self.cancelled + self.resent + self.released
+        return self.requeued + self.failed + self.cancelled + self.paused + self.resent + self.released
 
 
 def reap_once(settings: Settings, *, now: datetime | None = None) -> ReapCounts:
-    """Handle every running or cancelling job whose heartbeat is older than `stale_after_s`, send again
-    the messages of queued jobs the broker lost, then send the sweeps' held jobs that now have a slot."""
+    """Handle every active (running, cancelling, pausing) job whose heartbeat is older than
+    `stale_after_s`, send again the messages of queued jobs the broker lost, then send the sweeps' held jobs
+    that now have a slot."""
     now = now or utcnow()
     counts = _reap_stale(settings, now)
     counts.resent = len(resend_lost(settings, now=now))
@@ -127,10 +129,15 @@ def reap_worker(settings: Settings, node: str, how: str) -> list[str]:
 
 def _release(
     session: Session, row: Row[Any], *, gone: str, still: list[ColumnElement[bool]], now: datetime
-) -> Literal["requeued", "failed", "cancelled"] | None:
+) -> Literal["requeued", "failed", "cancelled", "paused"] | None:
     """Decide and apply what becomes of one active job (`row`: `_RELEASE_COLUMNS`) whose worker is gone
-    (`gone` says which and how): a cancelling job is cancelled; a running one is re-queued while it has
-    attempts left (its next attempt resumes from the last checkpoint), failed after `max_attempts`.
+    (`gone` says which and how): a cancelling job is cancelled; a pausing one is paused; a running one is
+    re-queued while it has attempts left (its next attempt resumes from the last checkpoint), failed after
+    `max_attempts`.
+
+    A pausing job ends `paused` as its worker would have left it, its attempt not counted, whether or not a
+    checkpoint exists: the user's resume continues from the last checkpoint, or from the start without one.
+    Re-queueing it would run a job its user paused; failing it would end a job that can simply go on.
 
     The UPDATE re-checks `still` (the worker, the stale heartbeat), so a job that changed hands since it was
     read is left alone: returns what was done, or None.
@@ -146,6 +153,19 @@ def _release(
             finished_at=now,
         )
         return "cancelled" if cancelled else None
+    if row.status is JobStatus.PAUSING:
+        paused = transition(
+            session,
+            job_id=row.id,
+            target=JobStatus.PAUSED,
+            expected=[JobStatus.PAUSING],
+            where=still,
+            message=f"{gone} while pausing; job paused (a resume continues from its last checkpoint)",
+            worker_id=None,
+            heartbeat_at=None,
+            attempts=Job.attempts - 1,  # as after a clean pause: a pause costs no attempt
+        )
+        return "paused" if paused else None
     if row.attempts < row.max_attempts:
         requeued = transition(
             session,

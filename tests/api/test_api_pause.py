@@ -24,6 +24,7 @@ from core.jobs.states import JobStatus
 from core.queue import queue_depth
 from tests.support.api import assert_error, dolly_lines, job_spec, upload
 from tests.support.live_api import LiveApi
+from worker import reaper
 from worker.supervisor import run_job
 
 PUBLIC_URL = "https://93.184.216.34/hooks/distill"  # a public address: no name to resolve
@@ -157,6 +158,35 @@ def test_a_running_job_is_pausing_until_its_worker_stops_it(
         assert cancelling.status_code == 200 and cancelling.json()["status"] == "cancelling"
         error = assert_error(client.post(f"/v1/jobs/{job['id']}/pause"), 409, "job_not_pausable", "job_id")
         assert "cancelled" in error["message"] and "cancelling" in error["message"]
+
+
+def test_a_pausing_job_whose_worker_is_gone_ends_paused(
+    live_api: LiveApi, tenant: dict[str, str], tiny_teacher_dir: Path
+) -> None:
+    """The reaper's rule (here at once, as `distill serve` applies it to a worker it saw die): paused, its
+    attempt not counted, nothing sent; the user's resume then queues it with its attempts."""
+    node = f"gone-{uuid.uuid4().hex[:8]}"
+    with live_api.client(tenant["key"]) as client:
+        job = new_job(client, tiny_teacher_dir, tenant["train"])
+        set_row(
+            live_api,
+            job["id"],
+            status=JobStatus.RUNNING,
+            worker_id=f"{node}:7",
+            attempts=2,
+            heartbeat_at=utcnow(),
+        )
+        assert client.post(f"/v1/jobs/{job['id']}/pause").json()["status"] == "pausing"
+        messages = queue_depth(live_api.settings)
+        assert reaper.reap_worker(live_api.settings, node, "was killed by SIGKILL") == []
+        body = client.get(f"/v1/jobs/{job['id']}").json()
+        assert (body["status"], body["worker_id"], body["attempts"]) == ("paused", None, 1)
+        last = events(client, job["id"])[-1]
+        assert last["data"] == {"status": "paused"} and "killed by SIGKILL while pausing" in last["message"]
+        assert queue_depth(live_api.settings) == messages  # nothing runs until the user resumes it
+        resumed = client.post(f"/v1/jobs/{job['id']}/resume").json()
+        assert (resumed["status"], resumed["attempts"]) == ("queued", 1)
+        assert queue_depth(live_api.settings) == messages + 1
 
 
 def test_a_paused_job_can_be_cancelled(
