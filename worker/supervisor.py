@@ -49,7 +49,7 @@ from sqlalchemy.orm import Session
 from core.config import Settings
 from core.db import session_scope, utcnow
 from core.distill.model_checks import ModelReferenceError, check_model_reference
-from core.distill.spec import JobSpec
+from core.distill.spec import JobSpec, StudentSpec, TeacherSpec
 from core.errors import NotFound
 from core.files import service as files_service
 from core.jobs.lifecycle import add_event, transition
@@ -141,7 +141,8 @@ def _claim(job_id: str, settings: Settings, worker_id: str) -> _Attempt | None:
 
 
 def _prepare(attempt: _Attempt, settings: Settings) -> Path:
-    """Resolve the spec's file ids to storage paths, re-check models, clear the last attempt's files."""
+    """Resolve the spec's file ids to storage paths and its model references (as the tenant gave them) to
+    what this worker loads, clear the last attempt's files."""
     with session_scope(settings.database_url) as session:
         job = session.get(Job, attempt.job_id)
         assert job is not None
@@ -152,20 +153,30 @@ def _prepare(attempt: _Attempt, settings: Settings) -> Path:
         data = {"train": _file_path(session, settings, job.tenant_id, spec.data.train, "data.train")}
         if spec.data.eval is not None:
             data["eval"] = _file_path(session, settings, job.tenant_id, spec.data.eval, "data.eval")
-    spec = spec.model_copy(update={"data": spec.data.model_copy(update=data)})
-    # The API checked the models when the job was created; this worker may see other MODEL_ROOTS.
-    models = [("teacher.model", spec.teacher.model, spec.teacher.gguf_file)]
-    if spec.student.model is not None:
-        models.append(("student.model", spec.student.model, spec.student.gguf_file))
-    for field, model, gguf_file in models:
-        try:
-            check_model_reference(
-                model, gguf_file, model_roots=settings.model_roots, allow_hub=settings.allow_hub_models
-            )
-        except ModelReferenceError as exc:
-            raise JobSetupError("model_load_failed", f"{field}: {exc}") from exc
-
+    # The API checked the models when the job was created; this worker may see other MODEL_ROOTS, and
+    # resolves a bare name (`tiny-teacher`) under its own.
+    teacher = spec.teacher.model_copy(update={"model": _model_path(settings, spec.teacher, "teacher.model")})
+    student = spec.student
+    if student.model is not None:
+        student = student.model_copy(update={"model": _model_path(settings, student, "student.model")})
+    data_paths = spec.data.model_copy(update=data)
+    spec = spec.model_copy(update={"data": data_paths, "teacher": teacher, "student": student})
     return attempt.files.prepare_attempt(spec)
+
+
+def _model_path(settings: Settings, model: TeacherSpec | StudentSpec, field: str) -> str:
+    """What this worker loads for a model reference of the spec: its path under the model roots (or a hub
+    id)."""
+    assert model.model is not None
+    try:
+        return check_model_reference(
+            model.model,
+            model.gguf_file,
+            model_roots=settings.model_roots,
+            allow_hub=settings.allow_hub_models,
+        )
+    except ModelReferenceError as exc:
+        raise JobSetupError("model_load_failed", f"{field}: {exc}") from exc
 
 
 def _file_path(session: Session, settings: Settings, tenant_id: str, file_id: str, field: str) -> str:

@@ -78,20 +78,11 @@ def check_metadata(metadata: Mapping[str, object], *, query: bool = False) -> di
     return checked
 
 
-def _under_roots(model: str, roots: Sequence[Path]) -> str:
-    """A bare model name (`tiny-teacher`) resolved against the model roots; other references unchanged."""
-    if Path(model).is_absolute() or model.startswith((".", "~")):
-        return model
-    for root in roots:
-        candidate = root / model
-        if candidate.exists():
-            return str(candidate)
-    return model
-
-
-def _check_model(model: str, gguf_file: str | None, settings: Settings, param: str) -> None:
+def _check_model(model: str, gguf_file: str | None, settings: Settings, param: str) -> str:
+    """What `model` loads on this server (a path under the model roots, or a hub id); 422 if refused. The
+    job keeps the reference as the tenant gave it: the worker resolves it again under its own roots."""
     try:
-        check_model_reference(
+        return check_model_reference(
             model, gguf_file, model_roots=settings.model_roots, allow_hub=settings.allow_hub_models
         )
     except ModelReferenceError as exc:
@@ -111,17 +102,6 @@ def _teacher_layer_count(model: str) -> int | None:
         if isinstance(source.get("num_hidden_layers"), int):
             return source["num_hidden_layers"]
     return None
-
-
-def resolve_model_names(spec: JobSpec, settings: Settings) -> JobSpec:
-    """The spec with bare model names (`tiny-teacher`) made paths under the model roots."""
-    teacher = spec.teacher.model_copy(
-        update={"model": _under_roots(spec.teacher.model, settings.model_roots)}
-    )
-    student = spec.student
-    if student.model is not None:
-        student = student.model_copy(update={"model": _under_roots(student.model, settings.model_roots)})
-    return spec.model_copy(update={"teacher": teacher, "student": student})
 
 
 def validate_spec(*, session: Session, settings: Settings, tenant_id: str, spec: JobSpec) -> None:
@@ -148,16 +128,12 @@ def validate_spec(*, session: Session, settings: Settings, tenant_id: str, spec:
                 f"file {file_id!r} holds {row.format} records; data.format is {spec.data.format!r}",
                 param=f"data.{field}",
             )
-    teacher = spec.teacher.model_copy(
-        update={"model": _under_roots(spec.teacher.model, settings.model_roots)}
-    )
-    _check_model(teacher.model, teacher.gguf_file, settings, "teacher.model")
+    teacher_path = _check_model(spec.teacher.model, spec.teacher.gguf_file, settings, "teacher.model")
     student = spec.student
     if student.model is not None:
-        student = student.model_copy(update={"model": _under_roots(student.model, settings.model_roots)})
         _check_model(student.model, student.gguf_file, settings, "student.model")
-    if student.from_teacher_layers is not None and teacher.gguf_file is None:
-        count = _teacher_layer_count(teacher.model)
+    if student.from_teacher_layers is not None and spec.teacher.gguf_file is None:
+        count = _teacher_layer_count(teacher_path)
         if count is not None and max(student.from_teacher_layers) >= count:
             raise InvalidRequest(
                 "invalid_layers",
@@ -202,20 +178,20 @@ def create_job(
 ) -> tuple[Job, bool]:
     """Check, store and enqueue a job; returns (job, created). A repeated Idempotency-Key returns the first."""
     labels = check_metadata(metadata or {})
-    parsed = resolve_model_names(spec, settings)
-    requested = parsed.model_dump(mode="json")
+    # Stored as given (`tiny-teacher`, not the server's path to it): what GET shows and a retry compares.
+    requested = spec.model_dump(mode="json")
     if idempotency_key is not None:
         existing = _existing_for_key(session, tenant_id, idempotency_key, requested, labels)
         if existing is not None:
             return existing, False
-    validate_spec(session=session, settings=settings, tenant_id=tenant_id, spec=parsed)
+    validate_spec(session=session, settings=settings, tenant_id=tenant_id, spec=spec)
     job = Job(
         tenant_id=tenant_id,
         status=JobStatus.QUEUED,
         spec=requested,
         idempotency_key=idempotency_key,
         user_metadata=labels,
-        total_steps=parsed.training.max_steps,
+        total_steps=spec.training.max_steps,
         max_attempts=settings.max_attempts,
         latest_metrics={},
         enqueued_at=utcnow(),  # its message is sent right after the commit
@@ -245,12 +221,11 @@ def add_queued_job(
     transaction (a sweep). `spec` must have passed `validate_spec`. With `send`, `enqueued_at` is set and
     the caller sends its message after the commit (`enqueue_job`); without, the job is held (`enqueued_at`
     NULL, see `sent_to_queue`) until its caller sends it."""
-    parsed = resolve_model_names(spec, settings)
     job = Job(
         tenant_id=tenant_id,
         status=JobStatus.QUEUED,
-        spec=parsed.model_dump(mode="json"),
-        total_steps=parsed.training.max_steps,
+        spec=spec.model_dump(mode="json"),  # as given, like `create_job`
+        total_steps=spec.training.max_steps,
         max_attempts=settings.max_attempts,
         latest_metrics={},
         enqueued_at=utcnow() if send else None,

@@ -9,6 +9,7 @@ from typing import Any
 from pydantic_core import to_jsonable_python
 
 from core.db import utcnow
+from core.errors import without_server_paths
 from core.jobs.models import Job
 from core.jobs.states import JobStatus
 
@@ -33,7 +34,8 @@ def job_view(job: Job) -> dict[str, Any]:
         eta = round(elapsed / step * (total - step), 1) if elapsed > 0 else None
     error = None
     if job.error_code is not None:
-        error = {"code": job.error_code, "message": job.error_message or ""}
+        # Worker messages may quote a library that names files: no server path reaches a tenant.
+        error = {"code": job.error_code, "message": without_server_paths(job.error_message or "")}
     return {
         "id": job.id,
         "status": job.status,

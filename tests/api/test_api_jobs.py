@@ -49,10 +49,25 @@ def test_create_and_get(live_api: LiveApi, acme: dict[str, str], tiny_teacher_di
 def test_bare_model_name_resolves_under_model_roots(
     live_api: LiveApi, acme: dict[str, str], tiny_teacher_dir: Path
 ) -> None:
+    """A bare name is checked as the model under MODEL_ROOTS but stored as given: the job never shows the
+    server's path (the worker resolves the name again under its own roots, see tests/worker)."""
+    name = tiny_teacher_dir.name
     with live_api.client(acme["key"]) as client:
-        response = client.post("/v1/jobs", json=job_spec(tiny_teacher_dir.name, acme["train"]))
+        response = client.post(
+            "/v1/jobs", json=job_spec(name, acme["train"]), headers={"Idempotency-Key": name}
+        )
         assert response.status_code == 201, response.text
-        assert response.json()["spec"]["teacher"]["model"] == str(tiny_teacher_dir)
+        job = response.json()
+        assert job["spec"]["teacher"]["model"] == name
+        assert client.get(f"/v1/jobs/{job['id']}").json()["spec"]["teacher"]["model"] == name
+        # A retry compares the spec as given: the same job, not a conflict.
+        again = client.post("/v1/jobs", json=job_spec(name, acme["train"]), headers={"Idempotency-Key": name})
+        assert again.status_code == 200 and again.json()["id"] == job["id"]
+        # Validated as the model found under the roots: its layers are counted from its config.json.
+        too_deep = job_spec(name, acme["train"], student={"from_teacher_layers": [0, 99]})
+        assert_error(client.post("/v1/jobs", json=too_deep), 422, param="student.from_teacher_layers")
+        missing = job_spec("no-such-teacher", acme["train"])
+        assert_error(client.post("/v1/jobs", json=missing), 422, param="teacher.model")
 
 
 BAD_SPECS = [

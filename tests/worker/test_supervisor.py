@@ -249,6 +249,17 @@ def test_a_deleted_training_file_fails_the_job_before_training(settings: Setting
     assert not (Storage(settings.artifacts).job_dir(job_id) / "fake-started").exists()
 
 
+def test_a_bare_model_name_is_resolved_for_the_trainer_only(
+    settings: Settings, tiny_teacher_dir: Path
+) -> None:
+    """The job keeps `tiny-teacher` as the tenant gave it; the trainer gets this worker's path to it."""
+    job_id = seed_job(settings, tiny_spec(Path(tiny_teacher_dir.name), "placeholder"))
+    assert supervisor.run_job(job_id, settings, "w1", child_command=fake("succeed")) == "succeeded"
+    written = json.loads((Storage(settings.artifacts).job_dir(job_id) / job_files.SPEC_FILE).read_text())
+    assert written["teacher"]["model"] == str(tiny_teacher_dir.resolve())
+    assert load(settings, job_id).spec["teacher"]["model"] == tiny_teacher_dir.name
+
+
 def test_a_model_outside_this_workers_model_roots_is_refused(
     settings: Settings, job_id: str, tmp_path: Path
 ) -> None:
