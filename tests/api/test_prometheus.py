@@ -144,6 +144,7 @@ def test_requests_and_jobs_in_one_scrape(live_api: LiveApi, tiny_teacher_dir: Pa
     assert value(samples, "distill_job_metrics_up") == 1
     by_status = {status.value: value(samples, "distill_jobs", status=status.value) for status in JobStatus}
     expected = {"queued": 1, "running": 1, "cancelled": 1, "cancelling": 0, "succeeded": 0, "failed": 0}
+    expected |= {"pausing": 0, "paused": 0}
     assert by_status == expected
     assert value(samples, "distill_queue_depth") == 1
     assert 40 <= value(samples, "distill_oldest_queued_job_age_seconds") < 100
@@ -320,3 +321,33 @@ def test_a_worker_exports_the_duration_of_the_job_it_ended(tmp_path: Path) -> No
         assert families["distill_job_duration_seconds"].documentation
     finally:
         worker.stop(grace_s=10)
+
+
+def test_a_held_sweep_child_is_not_an_old_queued_job(live_api: LiveApi, tiny_teacher_dir: Path) -> None:
+    from core.jobs.models import Sweep
+
+    tenant_id, key = live_api.new_tenant("metrics-sweep")
+    with live_api.client(key) as client:
+        sent = _create_job(client, tiny_teacher_dir, upload(client, dolly_lines(4)).json()["id"])
+    collector = JobsCollector(live_api.settings.database_url, ttl_s=0)
+
+    def oldest_age() -> float:
+        families = {family.name: family for family in collector.collect()}
+        return families["distill_oldest_queued_job_age_seconds"].samples[0].value
+
+    with session_scope(live_api.settings.database_url) as session:
+        session.execute(update(Job).values(enqueued_at=utcnow()).where(Job.status == JobStatus.QUEUED))
+        # A job held back by its sweep's max_parallel: queued long ago but never sent to the broker.
+        sweep = Sweep(
+            tenant_id=tenant_id, spec={}, grid={}, metric="eval_kd_loss", mode="min", max_parallel=1
+        )
+        session.add(sweep)
+        session.flush()
+        held = session.get(Job, sent)
+        session.add(
+            Job(
+                tenant_id=tenant_id, status=JobStatus.QUEUED, spec=held.spec, total_steps=2, max_attempts=1,
+                sweep_id=sweep.id, created_at=utcnow() - timedelta(hours=2), enqueued_at=None,
+            )
+        )  # fmt: skip
+    assert oldest_age() < 60  # the sent jobs' age, not two hours
