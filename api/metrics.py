@@ -48,6 +48,7 @@ from core.config import Settings
 from core.db import get_sessionmaker, utcnow
 from core.errors import ServiceError
 from core.jobs.models import Job
+from core.jobs.service import sent_to_queue
 from core.jobs.states import ACTIVE_STATES, JobStatus
 
 log = logging.getLogger(__name__)
@@ -205,9 +206,10 @@ class JobsCollector(Collector):
         with get_sessionmaker(self.database_url)() as session:
             counts = session.execute(select(Job.status, func.count()).group_by(Job.status)).all()
             # Since the job was last sent to the queue (created, re-queued, resumed); index (status, enqueued_at).
+            # A sweep's children held back by its max_parallel were never sent: no worker is late for them.
             oldest = session.scalar(
                 select(func.min(func.coalesce(Job.enqueued_at, Job.created_at))).where(
-                    Job.status == JobStatus.QUEUED
+                    Job.status == JobStatus.QUEUED, sent_to_queue()
                 )
             )
             running = session.execute(
