@@ -106,9 +106,8 @@ class LocalStorage:
         os.replace(source, target)
 
     def exists(self, key: str) -> bool:
-        """Whether the store holds a file at `key`, or a directory with files under it."""
-        path = self.resolve(key)
-        return path.is_file() or (path.is_dir() and any(p.is_file() for p in path.rglob("*")))
+        """Whether the store holds a file or a directory at `key` (object storage: objects under it)."""
+        return self.resolve(key).exists()
 
     def size(self, key: str) -> int | None:
         """The stored file's size in bytes; None when there is none."""
