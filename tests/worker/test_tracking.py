@@ -22,11 +22,12 @@ import mlflow.transformers
 import pytest
 import yaml
 from mlflow import MlflowClient
+from pydantic import ValidationError
 from sqlalchemy import select
 
 from core.config import Settings
 from core.db import session_scope
-from core.distill.spec import MlflowSpec
+from core.distill.spec import JobSpec, MlflowSpec
 from core.jobs.models import JobEvent
 from core.tenants.keys import create_api_key
 from migrations.runner import upgrade_database
@@ -199,6 +200,8 @@ def test_a_job_logs_its_run_and_registers_its_student(
     pipeline = mlflow.transformers.load_model("models:/tiny-student/1")
     assert type(pipeline.model).__name__ == "LlamaForCausalLM"
     assert pipeline.model.config.num_hidden_layers == 2  # the student, not the teacher
+    [generated] = pipeline("Name three primary colors.", max_new_tokens=4)
+    assert generated["generated_text"].startswith("Name three primary colors.")
 
     messages = [e["message"] for e in api.events(job["id"]) if e["kind"] == "tracking"]
     assert messages[0] == f"MLflow: logging to run {run.info.run_id} in experiment 'e2e'", messages
@@ -276,6 +279,29 @@ def test_a_dead_tracking_server_never_fails_the_job(tmp_path: Path, tiny_teacher
 
 
 # ------------------------------------------------------------------------------------------- the API
+@pytest.mark.parametrize(
+    ("mlflow_options", "field"),
+    [
+        ({"experiment": ""}, "experiment"),
+        ({"experiment": "   "}, "experiment"),
+        ({"experiment": "e" * 257}, "experiment"),
+        ({"experiment": "a\x00b"}, "experiment"),
+        ({"experiment": 7}, "experiment"),
+        ({"run_name": "r" * 251}, "run_name"),
+        ({"run_name": "line\nbreak"}, "run_name"),
+        ({"register_as": "team:model"}, "register_as"),
+        ({"register_as": ".."}, "register_as"),
+        ({"register_as": "\ud800"}, "register_as"),
+        ({"tracking_uri": "http://127.0.0.1:5000"}, "tracking_uri"),
+    ],
+)
+def test_the_spec_refuses_bad_tracking_fields(mlflow_options: dict[str, Any], field: str) -> None:
+    body = {**tiny_spec(Path("teacher"), "file_x"), "tracking": {"mlflow": mlflow_options}}
+    with pytest.raises(ValidationError) as caught:
+        JobSpec.model_validate(body)
+    assert [error["loc"] for error in caught.value.errors()] == [("tracking", "mlflow", field)]
+
+
 def test_the_api_refuses_tracking_without_a_tracking_server(tmp_path: Path, tiny_teacher_dir: Path) -> None:
     url = f"sqlite:///{tmp_path / 'api.db'}"
     upgrade_database(url)
