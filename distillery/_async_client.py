@@ -218,7 +218,7 @@ class AsyncJobs:
         timeout: float | None = None,
         on_event: Callable[[Event], Awaitable[None] | None] | None = None,
     ) -> Job:
-        """Wait until the job ends; `on_event` (sync or async) sees every event on the way."""
+        """Wait until the job ends (a paused one has not); `on_event` (sync or async) sees every event."""
         deadline = None if timeout is None else time.monotonic() + timeout
 
         async def follow() -> None:

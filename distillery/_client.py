@@ -273,6 +273,7 @@ class Jobs:
     ) -> Job:
         """Block until the job ends (following its event stream); returns the final job.
 
+        A paused job has not ended: this keeps waiting until it is resumed (or cancelled) and ends.
         Raises `JobWaitTimeout` (holding the last state) after `timeout` seconds.
         """
         deadline = None if timeout is None else time.monotonic() + timeout
