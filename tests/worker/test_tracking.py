@@ -44,7 +44,7 @@ from tests.support.services import (
     write_dolly_subset,
 )
 from worker import supervisor
-from worker.tracking import RUN_FILE, MlflowTracker
+from worker.tracking import RUN_FILE, MlflowTracker, open_tracker
 
 MAX_STEPS = 6
 TRACKING = {"mlflow": {"experiment": "e2e", "run_name": "tiny", "register_as": "tiny-student"}}
@@ -276,6 +276,29 @@ def test_a_dead_tracking_server_never_fails_the_job(tmp_path: Path, tiny_teacher
     )
     assert str(closed) not in str(events[0].data)
     assert time.monotonic() - started < 120
+
+
+def test_only_rank_zero_of_a_tracked_job_on_a_worker_with_a_server_reports(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    reports: list[str] = []
+    spec = JobSpec.model_validate({**tiny_spec(Path("teacher"), "file_x"), "tracking": TRACKING})
+
+    def tracker(settings: Settings, job_spec: JobSpec = spec) -> MlflowTracker | None:
+        report = lambda message, data: reports.append(message)  # noqa: E731
+        return open_tracker(settings=settings, spec=job_spec, job_id="job_x", job_dir=tmp_path, report=report)
+
+    with_server = make_settings(tmp_path, database_url="sqlite://", mlflow_tracking_uri="http://127.0.0.1:9")
+    assert tracker(with_server, JobSpec.model_validate(tiny_spec(Path("teacher"), "file_x"))) is None
+    monkeypatch.setenv("RANK", "1")
+    assert tracker(with_server) is None and reports == []
+    monkeypatch.setenv("RANK", "0")
+    # A worker configured without the API's tracking server: the job trains on, and says why.
+    assert tracker(make_settings(tmp_path, database_url="sqlite://")) is None
+    assert reports == [
+        "MLflow tracking skipped: this worker has no tracking server (DISTILL_MLFLOW_TRACKING_URI); "
+        "the job goes on without it"
+    ]
 
 
 # ------------------------------------------------------------------------------------------- the API
