@@ -146,12 +146,6 @@ def validate_spec(*, session: Session, settings: Settings, tenant_id: str, spec:
             "this service has no MLflow tracking server (DISTILL_MLFLOW_TRACKING_URI is not set)",
             param="tracking.mlflow",
         )
-    if spec.tracking is not None and spec.tracking.mlflow is not None and not settings.mlflow_tracking_uri:
-        raise InvalidRequest(
-            "tracking_unavailable",
-            "this service has no MLflow tracking server (DISTILL_MLFLOW_TRACKING_URI is not set)",
-            param="tracking.mlflow",
-        )
 
 
 def _existing_for_key(
