@@ -234,6 +234,12 @@ class ResourcesSpec(_Spec):
     rdzv_endpoint: Annotated[str, Field(min_length=3, max_length=300), AfterValidator(_plain_text)] | None = (
         Field(default=None, description="host:port of the rendezvous when nnodes > 1 (distill train only).")
     )
+    # The service checks it against DISTILL_QUEUES when the job is created; `distill train` ignores it.
+    queue: Annotated[str, Field(min_length=1, max_length=64), AfterValidator(_plain_text)] | None = Field(
+        default=None,
+        description="The device class (worker queue) to run on, one of the service's DISTILL_QUEUES; "
+        "default: the default queue.",
+    )
 
     @property
     def world_size(self) -> int:
