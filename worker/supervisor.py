@@ -102,11 +102,27 @@ def run_job(
         return "not_claimed"
     try:
         spec_path = _prepare(attempt, settings)
+        command = [*(child_command or _trainer_command(attempt.files.read_spec(spec_path)))]
     except JobSetupError as exc:
         return _finish_failed(attempt, settings, exc.code, exc.message)
-    command = [*(child_command or [sys.executable, "-m", "worker.trainer_process"])]
     command += [job_id, "--spec", str(spec_path), "--worker-id", worker_id]
     return _supervise(attempt, settings, command)
+
+
+def _trainer_command(spec: JobSpec) -> list[str]:
+    """`python -m worker.trainer_process`; for a job on several devices, one rank per device under
+    torch.distributed.run (its ranks die with it; a rank that dies ends them all and it exits non-zero)."""
+    resources = spec.resources
+    if resources.nnodes > 1:
+        raise JobSetupError(
+            "invalid_spec",
+            "resources.nnodes > 1 is for distill train: the service trains a job on one machine",
+        )
+    trainer = ["-m", "worker.trainer_process"]
+    if resources.devices == 1:
+        return [sys.executable, *trainer]
+    launcher = ["-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={resources.devices}"]
+    return [sys.executable, *launcher, *trainer]
 
 
 # ------------------------------------------------------------------------------------------------ claim

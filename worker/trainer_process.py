@@ -5,6 +5,9 @@ Started by `worker.supervisor` in its own process; reports progress to the datab
 resumes from the job's last checkpoint, and leaves `result.json`
 (exit 0) or `error.json` with a code and a message (exit 3) in the job directory (`worker.job_files`); when
 the disk or the quota is full, so that neither can be written, it exits 4 (the supervisor's storage_full).
+
+A job on several devices runs this module in every rank under torch.distributed.run: rank 0 does all of
+the above; the other ranks only train their share (`_run_other_rank`).
 """
 
 from __future__ import annotations
@@ -25,10 +28,14 @@ from core.distill.model_checks import ModelReferenceError, TokenizerMismatchErro
 from core.distill.spec import JobSpec
 from core.jobs.models import Job
 from core.storage import Storage, open_storage
+from worker import process as process_control
 from worker.job_files import EXIT_STORAGE_FULL, EXIT_TRAINING_FAILED, JobFiles, is_disk_full
 from worker.progress import DatabaseCallbacks
 from worker.student_card import write_job_student_card
 from worker.tracking import EVENT_KIND, Fanout, open_tracker
+
+# Another rank died: no error.json, so the supervisor sees a crashed attempt (retried from its checkpoint).
+EXIT_RANK_LOST = 1
 
 
 # ---------------------------------------------------------------------------------------- error codes
@@ -53,6 +60,17 @@ def error_code(exc: BaseException, *, started: bool) -> str:
     if not started and _raised_in(exc, ("core/distill/models.py", "/transformers/", "/safetensors/")):
         return "model_load_failed"
     return "training_error"
+
+
+def _lost_a_rank(exc: BaseException) -> bool:
+    """A collective failed because another rank of the job died (killed, out of memory): the attempt
+    crashed (the supervisor retries it from its checkpoint); the job's training did not fail."""
+    if "RANK" not in os.environ:
+        return False
+    import torch.distributed
+
+    peer_gone = ("Connection reset by peer", "Connection closed by peer", "Broken pipe")
+    return isinstance(exc, torch.distributed.DistError) or any(text in str(exc) for text in peer_gone)
 
 
 def _raised_in(exc: BaseException, markers: tuple[str, ...]) -> bool:
@@ -83,6 +101,35 @@ def _file_ids(database_url: str, job_id: str) -> dict[str, str]:
 
 
 # ------------------------------------------------------------------------------------------------ main
+def _run_other_rank(
+    args: argparse.Namespace, settings: Settings, storage: Storage, spec: JobSpec, files: JobFiles
+) -> int:
+    """A rank other than 0: trains its share of every step. Rank 0 chooses the checkpoint to resume from,
+    reports, saves and pushes; an error is written to error.json by whichever rank meets it first."""
+    from core.distill.trainer import train
+
+    if settings.trainer_threads:
+        import torch
+
+        torch.set_num_threads(settings.trainer_threads)
+    try:
+        train(spec, output_dir=files.root, device=args.device)
+    except Exception as exc:
+        traceback.print_exc()
+        if _lost_a_rank(exc):
+            return EXIT_RANK_LOST
+        try:
+            file_ids = _file_ids(settings.database_url, args.job_id)
+        except Exception:
+            file_ids = {}
+        message = str(exc).strip() or type(exc).__name__
+        message = public_message(message, spec=spec, file_ids=file_ids, storage=storage)
+        # Started or not is unknown here (only rank 0 hears on_start): no guess of a model load failure.
+        files.write_error(code=error_code(exc, started=True), message=message)
+        return EXIT_TRAINING_FAILED
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m worker.trainer_process")
     parser.add_argument("job_id")
@@ -96,6 +143,13 @@ def main(argv: list[str] | None = None) -> int:
     output_dir = storage.job_dir(args.job_id)
     files = JobFiles(output_dir)
     spec = files.read_spec(args.spec)
+    if "RANK" in os.environ:  # a rank of torch.distributed.run, in a session of its own
+        launcher = os.getppid()
+        process_control.set_parent_death_signal()  # never outlive the launcher (killed with the job)
+        if os.getppid() != launcher:
+            return EXIT_TRAINING_FAILED
+        if os.environ["RANK"] != "0":
+            return _run_other_rank(args, settings, storage, spec, files)
     callbacks = DatabaseCallbacks(
         database_url=settings.database_url,
         storage=storage,
@@ -149,6 +203,10 @@ def main(argv: list[str] | None = None) -> int:
     except Exception as exc:
         with contextlib.suppress(OSError):  # the log lies on the job's disk, maybe the full one
             traceback.print_exc()
+        if _lost_a_rank(exc):
+            with contextlib.suppress(Exception):
+                callbacks.flush()  # the steps before the loss are complete
+            return EXIT_RANK_LOST
         code = error_code(exc, started=callbacks.started)
         message = str(exc).strip() or type(exc).__name__
         try:

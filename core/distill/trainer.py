@@ -527,8 +527,9 @@ def train(
     A stop (`callbacks.should_stop()`) is honoured between steps, and within an evaluation or a generation
     at the next batch or token: the run then checkpoints its last complete step and returns `stopped`.
 
-    Under torchrun (`spec.resources`), every rank calls `train` alike; `callbacks` are only used on rank 0,
-    whose stop decision every rank follows (after each step, not within an evaluation or a generation).
+    Under torchrun (`spec.resources`), every rank calls `train`; `callbacks` and `resume_from` are only
+    read on rank 0, whose stop decision every rank follows (after each step, not within an evaluation or a
+    generation).
     Raises `LaunchError` when the launched ranks do not match `spec.resources`."""
     output_dir = Path(output_dir)
     ranks, torch_device = distributed.Ranks.start(spec.resources, _pick_device(device))
@@ -548,6 +549,8 @@ def _train(
 ) -> TrainResult:
     if not ranks.is_main:
         callbacks = TrainerCallbacks()  # only rank 0 reports
+    # Rank 0's choice: it alone may have fetched the checkpoints (object storage) or set some aside.
+    resume_from = ranks.broadcast(resume_from)
     problem = None
     if ranks.is_main:
         output_dir.mkdir(parents=True, exist_ok=True)

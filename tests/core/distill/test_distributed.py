@@ -244,3 +244,89 @@ def test_distill_train_launches_the_ranks_and_writes_the_one_rank_metrics(spec, 
     assert [r["step"] for r in records if r["kind"] == "eval"] == [0, 2, 4]
     assert (out / "student" / "config.json").is_file()
     assert "done at step 4" in process.stdout
+
+
+# ------------------------------------------------------------------------------------------- worker
+def _rank_pids(job_id: str) -> dict[str, int]:
+    """RANK → pid of the trainer processes of `job_id` that torch.distributed.run started."""
+    found = {}
+    for proc in Path("/proc").iterdir():
+        try:
+            cmdline = (proc / "cmdline").read_bytes().split(b"\0")
+            environ = (proc / "environ").read_bytes().split(b"\0")
+        except OSError:
+            continue
+        if b"worker.trainer_process" in cmdline and job_id.encode() in cmdline:
+            env = dict(item.split(b"=", 1) for item in environ if b"=" in item)
+            if b"RANK" in env:
+                found[env[b"RANK"].decode()] = int(proc.name)
+    return found
+
+
+@pytest.mark.slow
+def test_the_worker_trains_a_two_device_job_and_resumes_it_after_a_rank_dies(tmp_path, tiny_teacher_dir):
+    """The supervisor launches 2 ranks; rank 1 is killed after the checkpoint of step 3: the attempt ends
+    as a crash and the job is re-queued; the next attempt resumes from step 3 on 2 ranks and succeeds,
+    with each step's metrics recorded once."""
+    from sqlalchemy import func, select
+
+    from core.db import session_scope
+    from core.jobs.models import Job, Metric
+    from tests.support.services import make_settings, seed_job, sqlite_database, wait_for
+    from tests.support.services import tiny_spec as service_spec
+    from worker import supervisor
+
+    settings = make_settings(
+        tmp_path, database_url=sqlite_database(tmp_path / "db"), model_roots=[tiny_teacher_dir.parent]
+    )
+    spec = service_spec(tiny_teacher_dir, "placeholder", max_steps=8, checkpoint_every=3)
+    job_id = seed_job(settings, spec | {"resources": {"devices": 2, "strategy": "ddp"}})
+    checkpoint = tmp_path / "artifacts" / "jobs"
+
+    def kill_rank_one() -> None:
+        wait_for(
+            lambda: any(checkpoint.glob(f"**/{job_id}/checkpoints/step-00000003")), timeout=240, what="step 3"
+        )
+        os.kill(_rank_pids(job_id)["1"], signal.SIGKILL)
+
+    import threading
+
+    killer = threading.Thread(target=kill_rank_one, daemon=True)
+    killer.start()
+    assert supervisor.run_job(job_id, settings, "w1") == "requeued"
+    killer.join()
+    assert supervisor.run_job(job_id, settings, "w2") == "succeeded"
+    with session_scope(settings.database_url) as session:
+        job = session.get(Job, job_id)
+        assert job.status.value == "succeeded" and job.current_step == 8
+        counts = session.execute(
+            select(Metric.step, func.count())
+            .where(Metric.job_id == job_id, Metric.name == "loss")
+            .group_by(Metric.step)
+        ).all()
+    assert sorted(counts) == [(step, 1) for step in range(1, 9)]
+    assert _rank_pids(job_id) == {}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("strategy", ["ddp", "fsdp"])
+def test_on_policy_generation_runs_on_two_ranks(spec, tmp_path, strategy):
+    """Each rank samples the responses of its slice of the prompts (under FSDP, transformers' generate keeps
+    the ranks in step until every rank's sequences have ended), then evaluates."""
+    on_policy = JobSpec.model_validate(
+        spec.model_dump()
+        | {
+            "strategy": {"name": "on_policy", "max_new_tokens": 6},
+            "training": spec.training.model_dump() | {"max_steps": 2, "checkpoint_every": 0},
+            "resources": {"devices": 2, "strategy": strategy},
+        }
+    )
+    out = tmp_path / "run"
+    record = record_of(launch(on_policy, out), out)
+    assert sorted(record["steps"]) == [1, 2]
+    for metrics in record["steps"].values():
+        assert metrics["on_policy"] == 1.0
+        assert metrics["loss"] == pytest.approx(metrics["loss"])  # finite, not NaN
+        assert metrics["response_tokens"] > 0
+    assert [step for step, _ in record["evals"]] == [0, 2]
+    assert (out / "student" / "config.json").is_file()
