@@ -189,6 +189,24 @@ def test_a_pausing_job_whose_worker_is_gone_ends_paused(
         assert queue_depth(live_api.settings) == messages + 1
 
 
+def test_the_event_stream_of_a_paused_job_stays_open(
+    live_api: LiveApi, tenant: dict[str, str], tiny_teacher_dir: Path
+) -> None:
+    """A paused job has not ended: its stream sends the pause and waits for what comes next (a resume)."""
+    with live_api.client(tenant["key"]) as client:
+        job = new_job(client, tiny_teacher_dir, tenant["train"])
+        assert client.post(f"/v1/jobs/{job['id']}/pause").json()["status"] == "paused"
+        seen: list[str] = []
+        timeout = httpx.Timeout(10, read=2)
+        with client.stream("GET", f"/v1/jobs/{job['id']}/events?stream=true", timeout=timeout) as response:
+            assert response.status_code == 200
+            with pytest.raises(httpx.ReadTimeout):  # still open after its last event
+                for line in response.iter_lines():
+                    seen.append(line)
+        sent = [json.loads(line.removeprefix("data:")) for line in seen if line.startswith("data:")]
+        assert [event["data"] for event in sent] == [{"status": "queued"}, {"status": "paused"}]
+
+
 def test_a_paused_job_can_be_cancelled(
     live_api: LiveApi, tenant: dict[str, str], tiny_teacher_dir: Path
 ) -> None:
