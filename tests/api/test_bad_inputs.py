@@ -149,7 +149,7 @@ CASES = [
     Case("jobs-limit-zero", get("/v1/jobs", params={"limit": 0}), 422, "limit"),
     Case("jobs-limit-huge", get("/v1/jobs", params={"limit": HUGE}), 422, "limit"),
     Case("files-limit-not-int", get("/v1/files", params={"limit": "ten"}), 422, "limit"),
-    Case("jobs-status-unknown", get("/v1/jobs", params={"status": "paused"}), 422, "status"),
+    Case("jobs-status-unknown", get("/v1/jobs", params={"status": "sleeping"}), 422, "status"),
     # ---- event ids beyond BIGINT, on the list and on the stream (never 200 and then a cut stream)
     Case("events-after-int64", get("/v1/jobs/{job}/events", params={"after": INT64_OVER}), 422, "after"),
     Case("events-after-huge", get("/v1/jobs/{job}/events", params={"after": HUGE}), 422, "after"),
