@@ -25,7 +25,8 @@ COPY worker ./worker
 COPY cli ./cli
 COPY distillery ./distillery
 COPY migrations ./migrations
-RUN pip install .
+# The mlflow extra: workers log tracked jobs to DISTILL_MLFLOW_TRACKING_URI.
+RUN pip install ".[mlflow]"
 
 # Named volumes mounted here start with this ownership, so the non-root user can write to them.
 RUN mkdir -p /data/artifacts /models && chown -R distill:distill /data /models
