@@ -330,3 +330,40 @@ def test_on_policy_generation_runs_on_two_ranks(spec, tmp_path, strategy):
         assert metrics["response_tokens"] > 0
     assert [step for step, _ in record["evals"]] == [0, 2]
     assert (out / "student" / "config.json").is_file()
+
+
+# ----------------------------------------------------------------------------------- spec, commands
+def test_resources_are_strict_and_split_the_batch_evenly(spec):
+    from pydantic import ValidationError
+
+    assert spec.resources.devices == 1 and spec.resources.strategy == "ddp"
+    for bad in ({"devices": True}, {"devices": "2"}, {"devices": 2.0}, {"devices": 0}, {"devices": 65}):
+        with pytest.raises(ValidationError, match="resources.devices"):
+            with_resources(spec, **bad)
+    with pytest.raises(ValidationError, match="strategy"):
+        with_resources(spec, devices=2, strategy="zero3")
+    with pytest.raises(
+        ValidationError, match=r"training\.batch_size \(4\) must be a multiple of the 3 ranks"
+    ):
+        with_resources(spec, devices=3)
+    with pytest.raises(ValidationError, match="rdzv_endpoint"):
+        with_resources(spec, devices=2, nnodes=2)
+    assert with_resources(spec, devices=2, nnodes=2, rdzv_endpoint="node0:29500").resources.world_size == 4
+
+
+def test_the_worker_launches_one_rank_per_device(spec):
+    from worker.supervisor import JobSetupError, _trainer_command
+
+    assert _trainer_command(spec) == [sys.executable, "-m", "worker.trainer_process"]
+    assert _trainer_command(with_resources(spec, devices=4, strategy="fsdp")) == [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nproc-per-node=4",
+        "-m",
+        "worker.trainer_process",
+    ]
+    two_machines = with_resources(spec, devices=2, nnodes=2, rdzv_endpoint="node0:29500")
+    with pytest.raises(JobSetupError, match="nnodes"):
+        _trainer_command(two_machines)
