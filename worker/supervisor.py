@@ -311,9 +311,11 @@ def _record_end(attempt: _Attempt, settings: Settings, returncode: int, log_path
                 attempt, settings, "training_error", "the trainer finished without saving the student"
             )
         return _finish(attempt, settings, JobStatus.SUCCEEDED, "job succeeded", current_step=result["step"])
-    if status is JobStatus.CANCELLING or (status is JobStatus.PAUSING and error is None):
+    failed = error is not None or returncode == EXIT_STORAGE_FULL
+    if status is JobStatus.CANCELLING or (status is JobStatus.PAUSING and not failed):
         # Whatever way the trainer ended after a stop request (stopped, terminated, crashed), the user asked
-        # for the job to stop; a cancelled trainer's error is moot too, a paused one's would recur: `failed`.
+        # for the job to stop; a cancelled trainer's failure is moot too, a paused one's would recur (say,
+        # a full disk that kept it from writing its stop checkpoint): `failed`.
         return _record_stop(attempt, settings, result.get("step") if result else None)
     if error is not None:
         code = str(error.get("code") or "training_error")

@@ -13,6 +13,8 @@ from sqlalchemy import select
 
 from core.config import Settings
 from core.db import session_scope
+from core.distill.layout import student_dir
+from core.distill.spec import JobSpec
 from core.jobs.lifecycle import reopen, transition
 from core.jobs.models import Job, JobEvent
 from core.jobs.states import JobStatus
@@ -139,3 +141,38 @@ def test_a_cancel_while_pausing_wins(
     assert job.status is JobStatus.CANCELLED and job.finished_at is not None
     statuses = [message for kind, message in events(settings, job_id) if kind == "status"]
     assert statuses[-3:] == ["job is pausing", "job is cancelling", "job cancelled"]
+
+
+@pytest.mark.parametrize(
+    ("ending", "outcome", "code"),
+    [
+        ("finished", "succeeded", None),  # the last step came before the stop request
+        ("error", "failed", "invalid_data"),  # a failure would recur on resume: not hidden behind a pause
+        ("storage_full", "failed", "storage_full"),  # not even its stop checkpoint could be written
+        ("stopped", "paused", None),
+    ],
+)
+def test_how_a_pausing_job_ends_follows_how_its_trainer_ended(
+    settings: Settings, job_id: str, ending: str, outcome: str, code: str | None
+) -> None:
+    """The supervisor's decision once the trainer of a pausing job has exited, from what it left behind."""
+    attempt = supervisor._claim(job_id, settings, "w1")
+    assert attempt is not None
+    attempt.files.prepare_attempt(JobSpec.model_validate(load(settings, job_id).spec))
+    move(settings, job_id, JobStatus.RUNNING, JobStatus.PAUSING)
+    returncode = 0
+    if ending == "finished":
+        student_dir(attempt.files.root).mkdir(parents=True)
+        attempt.files.write_result(step=6, stopped=False)
+    elif ending == "stopped":
+        attempt.files.write_result(step=4, stopped=True)
+    elif ending == "error":
+        attempt.files.write_error(code="invalid_data", message="line 3: bad")
+        returncode = job_files.EXIT_TRAINING_FAILED
+    else:
+        returncode = job_files.EXIT_STORAGE_FULL
+    log_path = attempt.files.log_path(attempt.number)
+    assert supervisor._record_end(attempt, settings, returncode, log_path) == outcome
+    job = load(settings, job_id)
+    assert (job.status.value, job.error_code) == (outcome, code)
+    assert job.attempts == (0 if outcome == "paused" else 1)
