@@ -23,7 +23,7 @@ from core.distill import layout
 from core.distill.callbacks import TrainerCallbacks
 from core.jobs.lifecycle import add_event
 from core.jobs.models import Checkpoint, Job, JobEvent, Metric
-from core.jobs.states import ACTIVE_STATES, JobStatus
+from core.jobs.states import ACTIVE_STATES, STOPPING_STATES
 from core.storage import Storage
 from worker.job_files import JobFiles
 
@@ -286,7 +286,7 @@ class DatabaseCallbacks(TrainerCallbacks):
         if result is None:
             self._owned = False
             return False
-        if result is JobStatus.CANCELLING:
+        if result in STOPPING_STATES:  # a cancel or a pause: checkpoint and stop at the next step
             self._stop_requested = True
         return True
 

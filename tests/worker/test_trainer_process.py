@@ -137,6 +137,18 @@ def test_a_stop_file_or_a_cancelling_status_stops_training(settings: Settings, j
     assert other.should_stop()
 
 
+@pytest.mark.parametrize("status", [JobStatus.CANCELLING, JobStatus.PAUSING])
+def test_a_cancel_or_a_pause_read_with_a_write_stops_training(
+    settings: Settings, job_id: str, status: JobStatus
+) -> None:
+    cb = callbacks(settings, job_id, stop_check_interval_s=3600)  # the STOP file is not looked at
+    with session_scope(settings.database_url) as session:
+        session.execute(update(Job).where(Job.id == job_id).values(status=status))
+    assert not cb.should_stop()
+    cb.flush()
+    assert cb.should_stop()
+
+
 def test_a_job_that_is_no_longer_ours_gets_no_writes(settings: Settings, job_id: str) -> None:
     cb = callbacks(settings, job_id, flush_interval_s=0)
     with session_scope(settings.database_url) as session:
