@@ -25,7 +25,16 @@ import pytest
 
 from tests.conftest import service_unavailable
 from tests.e2e.test_embedded import printed_key, start_serve
-from tests.support.services import REPO_ROOT, TERMINAL, ApiClient, free_port, wait_for, write_dolly_subset
+from tests.support.services import (
+    REPO_ROOT,
+    TERMINAL,
+    ApiClient,
+    distill_command,
+    free_port,
+    start_service,
+    wait_for,
+    write_dolly_subset,
+)
 
 CHROMIUM = os.environ.get("DISTILL_CHROMIUM", "/usr/bin/chromium")
 ARTIFACTS = REPO_ROOT / "tests" / "artifacts" / "ui"
@@ -103,22 +112,30 @@ def job_id_from(page: Page) -> str:
 
 @pytest.fixture(scope="module")
 def service(tmp_path_factory: pytest.TempPathFactory, tiny_teacher_dir: Path) -> Iterator[dict[str, Any]]:
+    """`distill serve` on the embedded defaults, and a second `distill worker` on the same home: the
+    sweep's children then train beside the form's job (a tiny job's time is mostly its trainer's start)."""
     home = tmp_path_factory.mktemp("ui") / "home"
     port = free_port()
     serve = start_serve(home, port, tiny_teacher_dir.parent)
+    worker = None
     try:
         key = printed_key(serve)
         client = ApiClient(f"http://127.0.0.1:{port}", key)
         client.wait_ready([serve])
-        yield {"url": f"http://127.0.0.1:{port}", "key": key, "client": client, "serve": serve}
+        env = {name: value for name, value in os.environ.items() if not name.startswith("DISTILL_")}
+        env |= {"DISTILL_HOME": str(home), "DISTILL_MODEL_ROOTS": str(tiny_teacher_dir.parent)}
+        worker = start_service("worker", distill_command("worker"), env, home.parent / "logs")
+        yield {"url": f"http://127.0.0.1:{port}", "key": key, "client": client, "processes": [serve, worker]}
         client.http.close()
     finally:
+        if worker is not None:
+            worker.stop()
         serve.stop(signal.SIGINT)
 
 
 def test_dashboard(browser: Browser, service: dict[str, Any], tiny_teacher_dir: Path, tmp_path: Path) -> None:
     ARTIFACTS.mkdir(parents=True, exist_ok=True)
-    url, key, client, serve = service["url"], service["key"], service["client"], service["serve"]
+    url, key, client, processes = service["url"], service["key"], service["client"], service["processes"]
     data = write_dolly_subset(tmp_path / "dolly.jsonl", records=24)
     context = browser.new_context(viewport=WIDE, accept_downloads=True)
     page = context.new_page()
@@ -151,11 +168,11 @@ def test_dashboard(browser: Browser, service: dict[str, Any], tiny_teacher_dir: 
         "data.max_prompt_length": "32",
         "loss.alpha": "0.5",
         "loss.lam": "1.5",
-        "training.max_steps": "120",
+        "training.max_steps": "400",
         "training.batch_size": "2",
         "training.learning_rate": "0.001",
-        "training.checkpoint_every": "40",
-        "training.eval_every": "60",
+        "training.checkpoint_every": "100",
+        "training.eval_every": "200",
         "evaluation.max_records": "4",
         "evaluation.max_new_tokens": "8",
     }.items():
@@ -199,27 +216,24 @@ def test_dashboard(browser: Browser, service: dict[str, Any], tiny_teacher_dir: 
     sweep_id = sweep.json()["id"]
 
     # --- The job page: the loss curve and the event log grow while the job trains.
-    started = wait_for(lambda: points(page, "chart-loss") > 0, timeout=90, what="the first loss points")
-    first_points, first_events = (
-        points(page, "chart-loss"),
-        int(page.locator("#event-log").get_attribute("data-count")),
+    total = 3 * 400  # loss, kd_loss, ce_loss at each of the 400 steps
+    first_points = wait_for(
+        lambda: points(page, "chart-loss"), timeout=90, interval=0.1, what="the first loss points"
     )
-    assert started and first_events >= 1
-    wait_for(
-        lambda: points(page, "chart-loss") > first_points + 3 or client.job(job_id)["status"] in TERMINAL,
-        timeout=60,
-        what="more loss points",
-    )
-    assert points(page, "chart-loss") > first_points, "the loss curve did not grow"
+    assert first_points < total, "the first points shown were the whole run: nothing seen while it trained"
+    first_events = int(page.locator("#event-log").get_attribute("data-count"))
+    assert first_events >= 1
+    wait_for(lambda: points(page, "chart-loss") > first_points, timeout=60, what="the loss curve to grow")
     expect(page.locator("#stream-state")).to_have_attribute("data-state", re.compile("open|closed"))
     shoot(page, "job-running")
-    expect(page.locator("#job-status [data-status=succeeded]")).to_be_visible(timeout=120_000)
+    assert client.wait_status(job_id, TERMINAL, timeout=180, processes=processes)["status"] == "succeeded"
+    expect(page.locator("#job-status [data-status=succeeded]")).to_be_visible(timeout=10_000)
     assert int(page.locator("#event-log").get_attribute("data-count")) > first_events
     series = client.http.get(f"/v1/jobs/{job_id}/metrics?names=loss").json()["series"]["loss"]
     wait_for(lambda: points(page, "chart-loss") >= 3 * len(series), timeout=10, what="every loss point")
-    assert points(page, "chart-loss") == 3 * len(series) == 3 * 120  # loss, kd_loss, ce_loss per step
+    assert points(page, "chart-loss") == 3 * len(series) == total
     assert points(page, "chart-eval") > 0
-    expect(page.locator("#event-log li[data-kind=checkpoint]")).to_have_count(3)
+    expect(page.locator("#event-log li[data-kind=checkpoint]")).to_have_count(4)
     expect(page.locator("#checkpoints-table tbody tr")).to_have_count(2)  # keep_checkpoints: 2
     expect(page.locator("#samples .sample").first).to_be_visible()
     expect(page.locator("#job-spec")).to_contain_text('"lam": 0.3')
@@ -263,7 +277,7 @@ def test_dashboard(browser: Browser, service: dict[str, Any], tiny_teacher_dir: 
     children = client.http.get(f"/v1/sweeps/{sweep_id}").json()["jobs"]
     assert len(children) == 3
     for child in children:
-        client.wait_status(child["id"], TERMINAL, timeout=120, processes=[serve])
+        client.wait_status(child["id"], TERMINAL, timeout=120, processes=processes)
     expect(page.locator("#sweep-table tbody tr td [data-status=succeeded]")).to_have_count(3, timeout=30_000)
     done = client.http.get(f"/v1/sweeps/{sweep_id}").json()
     ranked = sorted(done["jobs"], key=lambda j: j["metrics"]["eval_kd_loss"])
@@ -292,7 +306,7 @@ def test_dashboard(browser: Browser, service: dict[str, Any], tiny_teacher_dir: 
     page.set_viewport_size(NARROW)
     pages = {
         "jobs": ("#/jobs", "#jobs-table"),
-        "job": (f"#/jobs/{job_id}", "#chart-loss[data-points='360']"),
+        "job": (f"#/jobs/{job_id}", f"#chart-loss[data-points='{total}']"),
         "compare": (f"#/sweeps/{sweep_id}", "#compare-loss[data-points='24']"),
         "compare-jobs": (f"#/compare?jobs={ids}", "#compare-loss[data-points='24']"),
         "create": ("#/new", "#create-submit"),

@@ -48,8 +48,8 @@ export class LineChart {
         label: scales[scale].label,
         side: scales[scale].side ?? (i === 0 ? 3 : 1),
         grid: { show: i === 0 },
-        size: 56,
-        values: (_u, ticks) => ticks.map(shortNumber),
+        size: 60,
+        values: tickLabels,
       })),
     ];
     this.plot = new uPlot(
@@ -111,9 +111,22 @@ export class LineChart {
   }
 }
 
+/** Axis labels with as many digits as the tick spacing needs (uPlot's default keeps 3 decimals). */
+function tickLabels(_u, ticks, _axis, _space, increment) {
+  const magnitude = Math.max(...ticks.map((v) => Math.abs(v ?? 0)));
+  const step = Math.abs(increment) || magnitude || 1;
+  if (magnitude >= 1e5 || (magnitude > 0 && magnitude < 1e-3)) {
+    const digits = Math.max(0, Math.floor(Math.log10(magnitude)) - Math.floor(Math.log10(step)));
+    return ticks.map((v) => (v === 0 ? "0" : v.toExponential(Math.min(digits, 6))));
+  }
+  let decimals = 0;
+  while (decimals < 8 && Math.abs(Math.round(step * 10 ** decimals) - step * 10 ** decimals) > 1e-6) decimals++;
+  return ticks.map((v) => v.toFixed(decimals));
+}
+
 function shortNumber(v) {
   if (v === null || v === undefined) return "";
   const a = Math.abs(v);
   if (a !== 0 && (a >= 1e5 || a < 1e-3)) return v.toExponential(1);
-  return String(Number(v.toPrecision(3)));
+  return String(Number(v.toPrecision(4)));
 }

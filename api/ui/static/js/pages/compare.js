@@ -294,7 +294,10 @@ export function renderSweep(main, [sweepId]) {
     async (signal) => {
       sweep = await api(`/v1/sweeps/${sweepId}`, { signal });
       const keys = Object.keys(sweep.grid || {});
-      const counts = Object.entries(sweep.counts || {}).map(([k, n]) => `${n} ${k}`).join(", ");
+      const counts = Object.entries(sweep.counts || {})
+        .filter(([, n]) => n > 0)
+        .map(([k, n]) => `${n} ${k}`)
+        .join(", ");
       replaceChildren(
         head,
         h(

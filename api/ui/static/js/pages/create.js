@@ -123,7 +123,7 @@ export function renderCreate(main) {
   const editor = h("textarea", { id: "spec-json", rows: 18, spellcheck: "false", "aria-label": "spec as JSON" });
   const fromForm = h("button", { type: "button", id: "json-from-form" }, "Copy the form into the editor");
   const submitJson = h("button", { type: "button", id: "create-from-json" }, "Create from JSON");
-  const metadataInput = h("textarea", { id: "field-metadata", rows: 2, placeholder: "key=value, one a line" });
+  const metadataInput = h("textarea", { id: "field-metadata", rows: 2, placeholder: "team=nlp" });
   let root = "JobSpec";
   let hasMetadata = false;
 
@@ -248,8 +248,8 @@ export function renderCreate(main) {
       inputs.get(path)?.setAttribute("aria-invalid", "true");
       placed.push(box);
     }
-    const where = error.param ? ` (${error.param})` : "";
-    replaceChildren(formMessage, notice("error", `${placed.length ? "Fix the marked fields: " : ""}${error.message}${where}`));
+    const text = placed.length ? `Fix the marked fields. ${error.message}` : `${error.message}${error.param ? ` (${error.param})` : ""}`;
+    replaceChildren(formMessage, notice("error", text));
     (placed[0] || formMessage).scrollIntoView({ block: "center" });
     placed[0]?.querySelector("input, select, textarea")?.focus();
   }
@@ -297,8 +297,8 @@ export function renderCreate(main) {
       form.append(fieldset);
     }
     if (hasMetadata) {
-      const box = h("fieldset", { dataset: { param: "metadata" } }, h("legend", {}, "Metadata"), h("label", { for: "field-metadata" }, "Labels"), metadataInput);
-      form.append(errorSlot("metadata", box));
+      const box = h("div", { class: "field", dataset: { param: "metadata" } }, h("label", { for: "field-metadata" }, "Labels, one key=value a line"), metadataInput);
+      form.append(h("fieldset", {}, h("legend", {}, "Metadata"), errorSlot("metadata", box)));
     }
     form.append(
       h("div", { class: "actions" }, submit),

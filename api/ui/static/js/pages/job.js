@@ -64,7 +64,7 @@ function summary(job) {
   ];
   if (job.sweep_id) rows.push(["Sweep", h("a", { href: `#/sweeps/${job.sweep_id}` }, job.sweep_id)]);
   for (const [key, value] of Object.entries(job.metadata || {})) rows.push([`metadata ${key}`, value]);
-  return h("dl", { class: "summary" }, rows.map(([k, v]) => [h("dt", {}, k), h("dd", {}, v)]));
+  return h("dl", { class: "summary" }, rows.map(([k, v]) => h("div", {}, h("dt", {}, k), h("dd", {}, v))));
 }
 
 export function renderJob(main, [jobId]) {
@@ -131,7 +131,7 @@ export function renderJob(main, [jobId]) {
       ),
     ),
     h("section", {}, h("h2", {}, "Sample generations"), samplesBox),
-    h("section", {}, h("h2", {}, "Spec"), specBox),
+    h("details", { class: "spec-box" }, h("summary", {}, "Spec"), specBox),
   );
   const charts = JOB_CHARTS.map((def) => new LineChart(chartsBox, def));
 
