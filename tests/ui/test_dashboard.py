@@ -210,10 +210,32 @@ def test_dashboard(browser: Browser, service: dict[str, Any], tiny_teacher_dir: 
             "grid": {"loss.alpha": [0.5], "loss.lam": [0.1, 0.3, 0.5]},
             "metric": "eval_kd_loss",
             "mode": "min",
+            "max_parallel": 2,  # the third child is held back until one of the first two ends
         },
     )
     assert sweep.status_code == 201, sweep.text
-    sweep_id = sweep.json()["id"]
+    sweep_id, held = sweep.json()["id"], sweep.json()["jobs"][2]["id"]
+
+    # --- Pause and resume the held (queued) child in a second tab, which signs in on its own (the key
+    # lives in one tab's session storage) and then lands on the page it was sent to.
+    tab = context.new_page()
+    tab_console = Console(tab)
+    tab.goto(f"{url}/ui#/jobs/{held}")
+    tab.fill("#api-key", key)
+    tab.click("#login-form button[type=submit]")
+    expect(tab.locator("#job-status [data-status=queued]")).to_be_visible()
+    expect(tab.locator("#resume-job")).to_be_disabled()
+    tab.click("#pause-job")
+    expect(tab.locator("#job-status [data-status=paused]")).to_be_visible()
+    expect(tab.locator("#action-message")).to_contain_text("the job is paused")
+    expect(tab.locator("#pause-job")).to_be_disabled()
+    tab.click("#resume-job")
+    expect(tab.locator("#job-status [data-status=queued]")).to_be_visible()
+    statuses = tab.locator("#event-log li[data-kind=status]")  # newest first: queued again, paused, queued
+    wait_for(lambda: statuses.count() >= 3, timeout=10, what="the pause and the resume in the event log")
+    assert "paused" in statuses.nth(statuses.count() - 2).inner_text()
+    tab_console.check("the paused job")
+    tab.close()
 
     # --- The job page: the loss curve and the event log grow while the job trains.
     total = 3 * 400  # loss, kd_loss, ce_loss at each of the 400 steps

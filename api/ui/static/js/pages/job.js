@@ -293,7 +293,7 @@ export function renderJob(main, [jobId]) {
       const result = await work();
       if (after) await after(result);
     } catch (error) {
-      if (error instanceof ApiError && error.status === 404 && error.code !== "job_not_found") {
+      if (error instanceof ApiError && error.status === 404 && error.code === "not_found") {
         replaceChildren(actionMessage, notice("error", "This server does not offer that action."));
       } else {
         replaceChildren(actionMessage, notice("error", errorText(error)));
