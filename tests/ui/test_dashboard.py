@@ -184,9 +184,16 @@ def test_dashboard(browser: Browser, service: dict[str, Any], tiny_teacher_dir: 
     expect(page.locator("[name='loss.lam']")).to_have_attribute("aria-invalid", "true")
     assert page.url.endswith("#/new")
     shoot(page, "create-error")
+    # The same spec from the JSON editor is refused the same way, the message again next to λ.
+    page.click("details.json-editor summary")
+    page.click("#json-from-form")
+    spec_text = json.loads(page.input_value("#spec-json"))
+    assert spec_text["loss"] == {"alpha": 0.5, "lam": 1.5} and spec_text["metadata"]["suite"] == "ui"
+    page.fill("[name='loss.lam']", "0.3")  # the editor's copy still says 1.5
+    page.click("#create-from-json")
+    expect(lam_error).to_contain_text("less than or equal to 1")
     console.check("the refused job", expected=((422, "/v1/jobs"),))
 
-    page.fill("[name='loss.lam']", "0.3")
     page.click("#create-submit")
     page.wait_for_url(re.compile(r"#/jobs/job_"))
     job_id = job_id_from(page)

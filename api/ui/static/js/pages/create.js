@@ -186,9 +186,11 @@ export function renderCreate(main) {
     }
     control.dataset.kind = kind;
     inputs.set(param, control);
+    const low = schema?.minimum ?? schema?.exclusiveMinimum;
+    const high = schema?.maximum ?? schema?.exclusiveMaximum;
     const bounds =
-      schema && (schema.minimum !== undefined || schema.maximum !== undefined || schema.exclusiveMinimum !== undefined)
-        ? ` [${schema.minimum ?? schema.exclusiveMinimum ?? "…"}, ${schema.maximum ?? "…"}]`
+      low !== undefined || high !== undefined
+        ? ` ${schema.minimum === undefined && low !== undefined ? "(" : "["}${low ?? "…"}, ${high ?? "…"}${schema.maximum === undefined && high !== undefined ? ")" : "]"}`
         : "";
     const box = h(
       "div",
