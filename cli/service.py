@@ -287,6 +287,7 @@ def run_serve(args: argparse.Namespace) -> int:
         return 0 if stop.is_set() else 1  # Ctrl-C during start-up is not an error
     print(
         f"\nDistillery is serving on {url} (OpenAPI: {url}/docs)\n"
+        f"  dashboard: {url}/ui (paste the API key)\n"
         f"  API key:   {key}\n"
         f"  database:  {make_url(settings.database_url).render_as_string()}\n"
         f"  artifacts: {settings.artifacts}\n"
