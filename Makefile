@@ -8,7 +8,7 @@ BIN := $(VENV)/bin
 TORCH_REQUIREMENT ?= requirements/torch-cpu.txt
 STAMP := $(VENV)/.installed
 
-.PHONY: install serve test test-all lint bench example clean
+.PHONY: install serve test test-slow test-all lint bench example clean
 
 $(STAMP): pyproject.toml $(TORCH_REQUIREMENT)
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -24,6 +24,10 @@ serve: $(STAMP)
 
 test: $(STAMP)
 	$(BIN)/python -m pytest -q
+
+# The long end-to-end runs (fault suite, several ranks, real MLflow, browser flows on a busy machine).
+test-slow: $(STAMP)
+	$(BIN)/python -m pytest -q -m "slow and not gpu"
 
 test-all: $(STAMP)
 	$(BIN)/python -m pytest -q -m "slow or not slow"

@@ -222,7 +222,9 @@ def test_a_trainer_killed_after_a_checkpoint_is_retried(
     done = client.wait_status(job_id, TERMINAL, timeout=120, processes=stack.processes)
     assert done["status"] == "succeeded" and done["attempts"] == 2, done
     events = assert_every_step_once(client, job_id)
-    assert start_steps(events) == [0, CHECKPOINT_EVERY]
+    # From the checkpoint it had when it was killed (a busy machine may have reached the next one first).
+    starts = start_steps(events)
+    assert starts[0] == 0 and starts[1] in range(CHECKPOINT_EVERY, MAX_STEPS + 1, CHECKPOINT_EVERY), starts
     messages = "\n".join(e["message"] for e in events)
     assert "killed by SIGKILL" in messages and "re-queued to resume from" in messages, messages
 
