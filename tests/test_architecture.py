@@ -27,10 +27,7 @@ def _imports(path: Path) -> set[str]:
 
 
 def _modules(package: str) -> dict[str, set[str]]:
-    return {
-        str(path.relative_to(REPO)): _imports(path)
-        for path in sorted((REPO / package).rglob("*.py"))
-    }
+    return {str(path.relative_to(REPO)): _imports(path) for path in sorted((REPO / package).rglob("*.py"))}
 
 
 def _offenders(package: str, forbidden: tuple[str, ...]) -> list[str]:

@@ -43,7 +43,8 @@ from tests.support.services import (
     write_dolly_subset,
 )
 
-pytestmark = [pytest.mark.postgres, pytest.mark.redis]
+# Long end-to-end runs: `make test-slow` (and CI) runs them; the default suite stays near 10 minutes.
+pytestmark = [pytest.mark.postgres, pytest.mark.redis, pytest.mark.slow]
 
 MAX_STEPS, CHECKPOINT_EVERY = 24, 12
 SEED = int(os.environ.get("DISTILL_FAULTS_SEED", "20261201"))

@@ -24,6 +24,9 @@ from tests.support.services import (
     write_dolly_subset,
 )
 
+# Long end-to-end runs: `make test-slow` (and CI) runs them; the default suite stays near 10 minutes.
+pytestmark = pytest.mark.slow
+
 # Long enough that the pause lands well before the end (a tiny step takes tens of milliseconds).
 MAX_STEPS = 48
 

@@ -24,6 +24,9 @@ from transformers import AutoModelForCausalLM
 
 from tests.support.services import REPO_ROOT, Stack, free_port, make_settings, sqlite_database, wait_for
 
+# Long end-to-end runs: `make test-slow` (and CI) runs them; the default suite stays near 10 minutes.
+pytestmark = pytest.mark.slow
+
 TEACHER = "licensed-teacher"
 
 

@@ -25,6 +25,9 @@ from tests.support.services import (
     write_dolly_subset,
 )
 
+# Long end-to-end runs: `make test-slow` (and CI) runs them; the default suite stays near 10 minutes.
+pytestmark = pytest.mark.slow
+
 JOB_TIMEOUT_S = 180
 
 

@@ -14,6 +14,9 @@ import pytest
 from distillery import Distillery
 from tests.support.services import Stack, make_settings, sqlite_database, tiny_spec, write_dolly_subset
 
+# Long end-to-end runs: `make test-slow` (and CI) runs them; the default suite stays near 10 minutes.
+pytestmark = pytest.mark.slow
+
 SWEEP_TIMEOUT_S = 240
 
 

@@ -29,6 +29,9 @@ from tests.support.services import (
 )
 from tests.support.webhook_receiver import Receiver
 
+# Long end-to-end runs: `make test-slow` (and CI) runs them; the default suite stays near 10 minutes.
+pytestmark = pytest.mark.slow
+
 JOB_TIMEOUT_S = 120
 
 

@@ -36,6 +36,9 @@ from tests.support.services import (
     write_dolly_subset,
 )
 
+# Long end-to-end runs: `make test-slow` (and CI) runs them; the default suite stays near 10 minutes.
+pytestmark = pytest.mark.slow
+
 CHROMIUM = os.environ.get("DISTILL_CHROMIUM", "/usr/bin/chromium")
 ARTIFACTS = REPO_ROOT / "tests" / "artifacts" / "ui"
 WIDE = {"width": 1280, "height": 800}

@@ -46,6 +46,9 @@ from tests.support.services import (
 from worker import supervisor
 from worker.tracking import RUN_FILE, MlflowTracker, open_tracker
 
+# Long end-to-end runs: `make test-slow` (and CI) runs them; the default suite stays near 10 minutes.
+pytestmark = pytest.mark.slow
+
 MAX_STEPS = 6
 TRACKING = {"mlflow": {"experiment": "e2e", "run_name": "tiny", "register_as": "tiny-student"}}
 
