@@ -145,7 +145,12 @@ def _add_request_context(app: FastAPI, settings: Settings) -> None:
             allow_origins=settings.cors_origins,
             allow_methods=["*"],
             allow_headers=["*"],
-            expose_headers=[REQUEST_ID_HEADER, *RATE_LIMIT_HEADERS, "X-Content-SHA256", "Content-Disposition"],
+            expose_headers=[
+                REQUEST_ID_HEADER,
+                *RATE_LIMIT_HEADERS,
+                "X-Content-SHA256",
+                "Content-Disposition",
+            ],
             max_age=600,
         )
     app.add_middleware(RequestContext)

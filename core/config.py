@@ -89,7 +89,9 @@ class Settings(BaseSettings):
     stale_after_s: float = Field(default=60.0, gt=0, description="No heartbeat for this long → re-queue.")
     reaper_interval_s: float = Field(default=10.0, gt=0)
     requeue_after_s: float = Field(
-        default=300.0, gt=0, description="Queued this long with its message gone from the broker → sent again."
+        default=300.0,
+        gt=0,
+        description="Queued this long with its message gone from the broker → sent again.",
     )
     max_attempts: int = Field(default=3, ge=1)
     cancel_grace_s: float = Field(default=30.0, ge=0, description="Stop request → terminate after this.")
@@ -118,7 +120,9 @@ class Settings(BaseSettings):
         "loopback or link-local (comma-separated); public addresses are always allowed.",
     )
     webhook_retry_base_s: float = Field(
-        default=5.0, gt=0, description="First retry delay; later ones grow from it (about a day in all at 5 s)."
+        default=5.0,
+        gt=0,
+        description="First retry delay; later ones grow from it (about a day in all at 5 s).",
     )
     webhook_timeout_s: float = Field(default=10.0, gt=0, description="Timeout of one delivery attempt.")
     webhook_dispatch_interval_s: float = Field(
