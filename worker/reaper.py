@@ -30,12 +30,12 @@ from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any, Literal
 
-from sqlalchemy import ColumnElement, Row, func, or_, select, update
+from sqlalchemy import ColumnElement, Row, func, or_, select
 from sqlalchemy.orm import Session
 
 from core.config import Settings
 from core.db import session_scope, utcnow
-from core.jobs.lifecycle import add_event, transition
+from core.jobs.lifecycle import claim_send, transition
 from core.jobs.models import Job
 from core.jobs.service import sent_to_queue
 from core.jobs.states import ACTIVE_STATES, JobStatus
@@ -233,24 +233,18 @@ def resend_lost(settings: Settings, *, now: datetime | None = None) -> list[str]
     taken: list[str] = []
     with session_scope(settings.database_url) as session:
         for job_id in candidates:
-            moved = session.execute(
-                update(Job)
-                .where(Job.id == job_id, *waiting)
-                .values(enqueued_at=now)
-                .execution_options(synchronize_session=False)
-            ).rowcount
-            if moved == 1:
+            if claim_send(
+                session,
+                job_id=job_id,
+                where=waiting,
+                now=now,
+                message=(
+                    f"still queued after {waited}, and the broker holds fewer messages ({depth}) than "
+                    f"there are queued jobs ({queued}): its message was sent again"
+                ),
+                data={"queue_depth": depth, "queued_jobs": queued},
+            ):
                 taken.append(job_id)
-                add_event(
-                    session,
-                    job_id=job_id,
-                    kind="queue",
-                    message=(
-                        f"still queued after {waited}, and the broker holds fewer messages ({depth}) than "
-                        f"there are queued jobs ({queued}): its message was sent again"
-                    ),
-                    data={"queue_depth": depth, "queued_jobs": queued},
-                )
     sent = []
     for job_id in taken:
         try:

@@ -119,3 +119,25 @@ def _move(
             data={"status": target.value},
         )
     return changed
+
+
+def claim_send(
+    session: Session,
+    *,
+    job_id: str,
+    where: Iterable[ColumnElement[bool]],
+    now: Any,
+    message: str,
+    data: dict[str, Any] | None = None,
+) -> bool:
+    """Stamp `enqueued_at` if the job still meets `where` (one conditional UPDATE, so of two processes only
+    one sends it) and record why it is sent; the caller enqueues after the commit. Returns whether it won."""
+    moved = session.execute(
+        update(Job)
+        .where(Job.id == job_id, *where)
+        .values(enqueued_at=now)
+        .execution_options(synchronize_session=False)
+    ).rowcount
+    if moved == 1:
+        add_event(session, job_id=job_id, kind="queue", message=message, data=data)
+    return moved == 1

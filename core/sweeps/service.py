@@ -25,7 +25,7 @@ from core.db import session_scope, utcnow
 from core.distill.spec import JobSpec
 from core.errors import Conflict, InvalidRequest, NotFound, ServiceError
 from core.jobs import service as jobs
-from core.jobs.lifecycle import add_event
+from core.jobs.lifecycle import claim_send
 from core.jobs.models import Job, Sweep
 from core.jobs.states import ACTIVE_STATES, JobStatus
 from core.pagination import newest_first_page
@@ -239,19 +239,13 @@ def _take_free_slots(session: Session, sweep_id: str, now: datetime) -> list[str
     limit = sweep.max_parallel or len(children)
     taken = []
     for job_id in held[: max(0, limit - busy)]:
-        moved = session.execute(
-            update(Job)
-            .where(Job.id == job_id, *HELD)
-            .values(enqueued_at=now)
-            .execution_options(synchronize_session=False)
-        ).rowcount
-        if moved == 1:
+        if claim_send(
+            session,
+            job_id=job_id,
+            where=HELD,
+            now=now,
+            message=f"sent by its sweep {sweep_id}: fewer than max_parallel {limit} of its jobs run",
+            data={"sweep_id": sweep_id, "max_parallel": limit, "busy": busy},
+        ):
             taken.append(job_id)
-            add_event(
-                session,
-                job_id=job_id,
-                kind="queue",
-                message=f"sent by its sweep {sweep_id}: fewer than max_parallel {limit} of its jobs run",
-                data={"sweep_id": sweep_id, "max_parallel": limit, "busy": busy},
-            )
     return taken
