@@ -29,7 +29,6 @@ from tests.support.services import (
     make_settings,
     seed_job,
     settings_env,
-    sqlite_database,
     tiny_spec,
     wait_for,
 )
@@ -42,22 +41,6 @@ FAKE_TRAINER = Path(__file__).parents[1] / "support" / "fake_trainer.py"
 
 def fake(mode: str) -> list[str]:
     return [sys.executable, str(FAKE_TRAINER), mode]
-
-
-@pytest.fixture
-def settings(tmp_path: Path, tiny_teacher_dir: Path) -> Settings:
-    return make_settings(
-        tmp_path,
-        database_url=sqlite_database(tmp_path / "db"),
-        model_roots=[tiny_teacher_dir.parent],
-        heartbeat_interval_s=0.2,
-        cancel_grace_s=30,
-    )
-
-
-@pytest.fixture
-def job_id(settings: Settings, tiny_teacher_dir: Path) -> str:
-    return seed_job(settings, tiny_spec(tiny_teacher_dir, "placeholder"))
 
 
 def load(settings: Settings, job_id: str) -> Job:

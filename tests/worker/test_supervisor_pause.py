@@ -16,36 +16,18 @@ from core.db import session_scope
 from core.distill.layout import student_dir
 from core.distill.spec import JobSpec
 from core.jobs.lifecycle import reopen, transition
-from core.jobs.models import Job, JobEvent
+from core.jobs.models import JobEvent
 from core.jobs.states import JobStatus
 from core.storage import Storage
-from tests.support.services import make_settings, seed_job, sqlite_database, tiny_spec, wait_for
-from tests.worker.test_supervisor import fake, pid_alive, started_pid
+from tests.support.services import wait_for
+from tests.worker.test_supervisor import (  # the same supervisor fixtures: a fresh SQLite job each
+    fake,
+    load,
+    pid_alive,
+    started_pid,
+)
 from worker import job_files, supervisor
 from worker import process as process_control
-
-
-@pytest.fixture
-def settings(tmp_path: Path, tiny_teacher_dir: Path) -> Settings:
-    return make_settings(
-        tmp_path,
-        database_url=sqlite_database(tmp_path / "db"),
-        model_roots=[tiny_teacher_dir.parent],
-        heartbeat_interval_s=0.2,
-        cancel_grace_s=30,
-    )
-
-
-@pytest.fixture
-def job_id(settings: Settings, tiny_teacher_dir: Path) -> str:
-    return seed_job(settings, tiny_spec(tiny_teacher_dir, "placeholder"))
-
-
-def load(settings: Settings, job_id: str) -> Job:
-    with session_scope(settings.database_url) as session:
-        job = session.get(Job, job_id)
-        assert job is not None
-        return job
 
 
 def events(settings: Settings, job_id: str) -> list[tuple[str, str]]:
